@@ -1,0 +1,120 @@
+"""Public entry points: validate → dispatch by target → outputs in the caller's array kind (SPEC A9)."""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .arrays import output_converter, to_numpy
+from .config import INT32_MAX, OpConfig, validate
+
+
+class GradResult(NamedTuple):
+    """dq, dk, dv have the shapes/dtypes of q, k, v; dpse has pse's shape, or None (SPEC A6)."""
+
+    dq: Any
+    dk: Any
+    dv: Any
+    dpse: Any
+
+
+class ForwardResult(NamedTuple):
+    """softmax_max/sum: fp32 [B,N1,Sq,8] ([T,N1,8] for TND); softmax_out is CANN's reserved empty output."""
+
+    softmax_max: Any
+    softmax_sum: Any
+    softmax_out: Any
+    attention_out: Any
+
+
+_ARRAY_ARGS = ("pse_shift", "drop_mask", "padding_mask", "atten_mask", "softmax_max", "softmax_sum",
+               "softmax_in", "attention_in")
+
+
+def _collect(query, key, value, dy, kw: dict[str, Any]) -> dict[str, Any]:
+    arrays = {"query": to_numpy(query, "query"), "key": to_numpy(key, "key"), "value": to_numpy(value, "value")}
+    if dy is not None:
+        arrays["dy"] = to_numpy(dy, "dy")
+    for name in _ARRAY_ARGS:
+        if name in kw:
+            arrays[name] = to_numpy(kw[name], name)
+    return arrays
+
+
+def _backend(target: str):
+    if target == "reference":
+        from . import reference
+
+        return reference
+    from . import llvm_backend
+
+    return llvm_backend
+
+
+def flash_attention_score_grad(
+    query: Any, key: Any, value: Any, dy: Any, *, head_num: int, input_layout: str,
+    pse_shift: Any = None, drop_mask: Any = None, padding_mask: Any = None, atten_mask: Any = None,
+    softmax_max: Any = None, softmax_sum: Any = None, softmax_in: Any = None, attention_in: Any = None,
+    prefix: Any = None, actual_seq_qlen: Any = None, actual_seq_kvlen: Any = None, scale_value: float = 1.0,
+    keep_prob: float = 1.0, pre_tokens: int = INT32_MAX, next_tokens: int = INT32_MAX, inner_precise: int = 0,
+    sparse_mode: int = 0, pse_type: int = 1, q_start_idx: Any = None, kv_start_idx: Any = None,
+    deterministic: bool = False, target: str = "llvm",
+) -> GradResult:
+    """Backward of flash attention with CANN aclnnFlashAttentionScoreGrad semantics (SPEC §3).
+
+    If softmax_max, softmax_sum and attention_in are all None, they are computed with the forward (A4)."""
+    kw = dict(pse_shift=pse_shift, drop_mask=drop_mask, padding_mask=padding_mask, atten_mask=atten_mask,
+              softmax_max=softmax_max, softmax_sum=softmax_sum, softmax_in=softmax_in, attention_in=attention_in)
+    a = _collect(query, key, value, dy, kw)
+    scalars = dict(head_num=head_num, input_layout=input_layout, prefix=prefix, actual_seq_qlen=actual_seq_qlen,
+                   actual_seq_kvlen=actual_seq_kvlen, scale_value=scale_value, keep_prob=keep_prob,
+                   pre_tokens=pre_tokens, next_tokens=next_tokens, inner_precise=inner_precise,
+                   sparse_mode=sparse_mode, pse_type=pse_type, q_start_idx=q_start_idx, kv_start_idx=kv_start_idx,
+                   deterministic=deterministic, target=target)
+    cfg = validate("bwd", a["query"], a["key"], a["value"], a["dy"],
+                   **{k: a.get(k) for k in _ARRAY_ARGS}, **scalars)
+    conv = output_converter(query)
+    if cfg.empty:
+        return GradResult(conv(np.empty_like(a["query"])), conv(np.empty_like(a["key"])),
+                          conv(np.empty_like(a["value"])), None)
+    backend = _backend(cfg.target)
+    if not cfg.stats_given:
+        fcfg = validate("fwd", a["query"], a["key"], a["value"], **{k: a.get(k) for k in _ARRAY_ARGS
+                                                                     if k not in ("softmax_max", "softmax_sum",
+                                                                                  "attention_in")}, **scalars)
+        f = backend.forward_arrays(fcfg, a)
+        a = dict(a, softmax_max=f["softmax_max"], softmax_sum=f["softmax_sum"], attention_in=f["attention_out"])
+    g = backend.backward_arrays(cfg, a)
+    return GradResult(conv(g["dq"]), conv(g["dk"]), conv(g["dv"]), conv(g["dpse"]))
+
+
+def flash_attention_score(
+    query: Any, key: Any, value: Any, *, head_num: int, input_layout: str, pse_shift: Any = None,
+    drop_mask: Any = None, padding_mask: Any = None, atten_mask: Any = None, prefix: Any = None,
+    actual_seq_qlen: Any = None, actual_seq_kvlen: Any = None, scale_value: float = 1.0, keep_prob: float = 1.0,
+    pre_tokens: int = INT32_MAX, next_tokens: int = INT32_MAX, inner_precise: int = 0, sparse_mode: int = 0,
+    pse_type: int = 1, q_start_idx: Any = None, kv_start_idx: Any = None, deterministic: bool = False,
+    target: str = "llvm",
+) -> ForwardResult:
+    """Forward of flash attention (CANN aclnnFlashAttentionScore): stats + output, invalid-row handling (§8)."""
+    kw = dict(pse_shift=pse_shift, drop_mask=drop_mask, padding_mask=padding_mask, atten_mask=atten_mask)
+    a = _collect(query, key, value, None, kw)
+    cfg = validate("fwd", a["query"], a["key"], a["value"], **{k: a.get(k) for k in kw},
+                   head_num=head_num, input_layout=input_layout, prefix=prefix, actual_seq_qlen=actual_seq_qlen,
+                   actual_seq_kvlen=actual_seq_kvlen, scale_value=scale_value, keep_prob=keep_prob,
+                   pre_tokens=pre_tokens, next_tokens=next_tokens, inner_precise=inner_precise,
+                   sparse_mode=sparse_mode, pse_type=pse_type, q_start_idx=q_start_idx, kv_start_idx=kv_start_idx,
+                   deterministic=deterministic, target=target)
+    conv = output_converter(query)
+    empty_out = np.empty((0,), dtype=a["query"].dtype)
+    if cfg.empty:
+        q = a["query"]
+        return ForwardResult(conv(np.empty((0,), np.float32)), conv(np.empty((0,), np.float32)), conv(empty_out),
+                             conv(np.empty_like(q)))
+    f = _backend(cfg.target).forward_arrays(cfg, a)
+    return ForwardResult(conv(f["softmax_max"]), conv(f["softmax_sum"]), conv(empty_out), conv(f["attention_out"]))
+
+
+def config_for(*args: Any, **kwargs: Any) -> OpConfig:
+    """The validated OpConfig of a backward call (for tools: kernel keys, workspace sizes)."""
+    return validate(*args, **kwargs)

@@ -1,0 +1,59 @@
+"""Array interchange (SPEC A9): NumPy in → NumPy out, DLPack tensors (torch …) in → same kind out."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import ml_dtypes
+import numpy as np
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16", BF16: "bfloat16"}
+NAME_TO_DTYPE = {v: k for k, v in DTYPE_NAMES.items()}
+SHORT_NAMES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def to_numpy(x: Any, param: str) -> np.ndarray | None:
+    """Return a NumPy view/copy of `x` (None stays None). Raises FagError for unknown objects."""
+    from .errors import invalid
+
+    if x is None:
+        return None
+    if isinstance(x, np.ndarray):
+        return x
+    if _is_torch(x):
+        import torch
+
+        t = x.detach()
+        if t.device.type != "cpu":
+            raise invalid(param, f"tensor on device {t.device}; only CPU tensors are accepted by this target")
+        if t.dtype == torch.bfloat16:
+            return t.contiguous().view(torch.int16).numpy().view(BF16)
+        return t.numpy()
+    if hasattr(x, "__dlpack__"):
+        try:
+            return np.from_dlpack(x)
+        except Exception as exc:  # noqa: BLE001 - any exporter failure is a user input problem
+            raise invalid(param, f"cannot import through DLPack: {exc}") from None
+    if isinstance(x, (list, tuple)) and param in ("prefix", "actual_seq_qlen", "actual_seq_kvlen"):
+        return np.asarray(x)
+    raise invalid(param, f"expected a NumPy array or a DLPack tensor, got {type(x).__name__}")
+
+
+def output_converter(like: Any) -> Callable[[np.ndarray | None], Any]:
+    """A function turning a NumPy result into the same kind of array as `like` (the query)."""
+    if _is_torch(like):
+        import torch
+
+        def conv(a: np.ndarray | None) -> Any:
+            if a is None:
+                return None
+            if a.dtype == BF16:
+                return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+            return torch.from_numpy(np.ascontiguousarray(a))
+
+        return conv
+    return lambda a: a
