@@ -41,14 +41,29 @@ def _collect(query, key, value, dy, kw: dict[str, Any]) -> dict[str, Any]:
     return arrays
 
 
-def _backend(target: str):
-    if target == "reference":
-        from . import reference
+class _Backend:
+    """forward_arrays / backward_arrays of one target (and, for compiled targets, a kernel provider)."""
 
-        return reference
-    from . import llvm_backend
+    def __init__(self, target: str, provider=None):
+        if target == "reference":
+            from . import reference as mod
+        else:
+            from . import llvm_backend as mod
+        self.mod, self.provider = mod, provider
 
-    return llvm_backend
+    def forward_arrays(self, cfg, a):
+        if self.provider is None:
+            return self.mod.forward_arrays(cfg, a)
+        return self.mod.forward_arrays(cfg, a, provider=self.provider)
+
+    def backward_arrays(self, cfg, a):
+        if self.provider is None:
+            return self.mod.backward_arrays(cfg, a)
+        return self.mod.backward_arrays(cfg, a, provider=self.provider)
+
+
+def _backend(target: str, provider=None) -> _Backend:
+    return _Backend(target, provider)
 
 
 def flash_attention_score_grad(
@@ -58,7 +73,7 @@ def flash_attention_score_grad(
     prefix: Any = None, actual_seq_qlen: Any = None, actual_seq_kvlen: Any = None, scale_value: float = 1.0,
     keep_prob: float = 1.0, pre_tokens: int = INT32_MAX, next_tokens: int = INT32_MAX, inner_precise: int = 0,
     sparse_mode: int = 0, pse_type: int = 1, q_start_idx: Any = None, kv_start_idx: Any = None,
-    deterministic: bool = False, target: str = "llvm",
+    deterministic: bool = False, target: str = "llvm", _provider=None,
 ) -> GradResult:
     """Backward of flash attention with CANN aclnnFlashAttentionScoreGrad semantics (SPEC §3).
 
@@ -71,13 +86,13 @@ def flash_attention_score_grad(
                    pre_tokens=pre_tokens, next_tokens=next_tokens, inner_precise=inner_precise,
                    sparse_mode=sparse_mode, pse_type=pse_type, q_start_idx=q_start_idx, kv_start_idx=kv_start_idx,
                    deterministic=deterministic, target=target)
-    cfg = validate("bwd", a["query"], a["key"], a["value"], a["dy"],
+    cfg = validate("bwd", a["query"], a["key"], a["value"], a.get("dy"),
                    **{k: a.get(k) for k in _ARRAY_ARGS}, **scalars)
     conv = output_converter(query)
     if cfg.empty:
         return GradResult(conv(np.empty_like(a["query"])), conv(np.empty_like(a["key"])),
                           conv(np.empty_like(a["value"])), None)
-    backend = _backend(cfg.target)
+    backend = _backend(cfg.target, _provider)
     if not cfg.stats_given:
         fcfg = validate("fwd", a["query"], a["key"], a["value"], **{k: a.get(k) for k in _ARRAY_ARGS
                                                                      if k not in ("softmax_max", "softmax_sum",
@@ -94,7 +109,7 @@ def flash_attention_score(
     actual_seq_qlen: Any = None, actual_seq_kvlen: Any = None, scale_value: float = 1.0, keep_prob: float = 1.0,
     pre_tokens: int = INT32_MAX, next_tokens: int = INT32_MAX, inner_precise: int = 0, sparse_mode: int = 0,
     pse_type: int = 1, q_start_idx: Any = None, kv_start_idx: Any = None, deterministic: bool = False,
-    target: str = "llvm",
+    target: str = "llvm", _provider=None,
 ) -> ForwardResult:
     """Forward of flash attention (CANN aclnnFlashAttentionScore): stats + output, invalid-row handling (§8)."""
     kw = dict(pse_shift=pse_shift, drop_mask=drop_mask, padding_mask=padding_mask, atten_mask=atten_mask)
@@ -111,7 +126,7 @@ def flash_attention_score(
         q = a["query"]
         return ForwardResult(conv(np.empty((0,), np.float32)), conv(np.empty((0,), np.float32)), conv(empty_out),
                              conv(np.empty_like(q)))
-    f = _backend(cfg.target).forward_arrays(cfg, a)
+    f = _backend(cfg.target, _provider).forward_arrays(cfg, a)
     return ForwardResult(conv(f["softmax_max"]), conv(f["softmax_sum"]), conv(empty_out), conv(f["attention_out"]))
 
 

@@ -121,9 +121,14 @@ def _dtype_name(a: np.ndarray, param: str) -> str:
     return name
 
 
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
+
 def _int_scalar(x: Any, param: str) -> int:
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
         raise invalid(param, f"must be an integer, got {x!r}")
+    if not INT64_MIN <= int(x) <= INT64_MAX:
+        raise invalid(param, f"must fit in int64, got {int(x)}")
     return int(x)
 
 
@@ -141,11 +146,11 @@ def _first_int(x: Any, param: str) -> int:
     if x is None:
         return 0
     if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
-        return int(x)
+        return _int_scalar(x, param)
     a = np.asarray(x)
     if a.dtype.kind not in "iu" or a.size < 1:
         raise invalid(param, "must be a non-empty integer array")
-    return int(a.reshape(-1)[0])
+    return _int_scalar(a.reshape(-1)[0], param)
 
 
 def _seq_array(x: Any, param: str) -> np.ndarray:
@@ -281,7 +286,7 @@ def validate(
     pre_t = _int_scalar(pre_tokens, "pre_tokens")
     next_t = _int_scalar(next_tokens, "next_tokens")
     ip = _int_scalar(inner_precise, "inner_precise")
-    if ip not in (0, 1, 2):
+    if ip not in (0, 1, 2):  # 0/1 reserved (behave alike); 2 = invalid-line handling (SPEC §8)
         raise invalid("inner_precise", f"must be 0, 1 or 2, got {ip}")
     mode = _int_scalar(sparse_mode, "sparse_mode")
     if not 0 <= mode <= 8:
@@ -620,6 +625,9 @@ def _check_pse(pse, ptype, dtype, layout, mode, has_mask, B, N1, Sq, Skv, T2, se
         if not (Sq == Skv and Sq >= ALIBI_ROWS and has_mask and _causal_tokens(batches, False)):
             raise invalid("pse_shift", "the alibi-compressed (…, 1024, Skv) pse needs Sq == Skv >= 1024, an "
                           "atten_mask and causal tokens (sparse_mode 2/3, or 0 with pre >= Sq and next == 0)")
+        if any(bi.prefix > 0 for bi in batches):
+            # a prefix unmasks cells above the diagonal, where the compressed form holds no value (SPEC §4)
+            raise unsupported("pse_shift", "the alibi-compressed pse with sparse_mode 5/6 and a prefix > 0")
         return "BNHS" if shape[0] == B and B != 1 else "1NHS"
     raise invalid("pse_shift", f"shape {shape} invalid: expected ({B},{N1},{Sq},{Skv}), (1,{N1},{Sq},{Skv}), "
                   f"({B},{N1},1,{Skv}) or the alibi-compressed ({B}|1,{N1},1024,{Skv})")

@@ -79,7 +79,7 @@ def pse_dense(cfg: OpConfig, pse: np.ndarray | None, b: int, heads: slice) -> np
     # slopes (pse_type 2: linear, 3: sqrt)
     slopes = pse.astype(np.float64)
     s = slopes[heads] if f == "slopes_N" else slopes[b, heads]
-    dist = np.abs((j + cfg.kv_start) - (i + cfg.q_start)).astype(np.float64)
+    dist = np.abs((j - i).astype(np.float64) + float(cfg.kv_start - cfg.q_start))  # no int64 wrap-around
     if cfg.pse_type == 3:
         dist = np.sqrt(dist)
     return -s[:, None, None] * dist[None]
@@ -152,9 +152,9 @@ def forward_arrays(cfg: OpConfig, a: dict[str, Any]) -> dict[str, np.ndarray]:
     for b, bi in enumerate(cfg.batches):
         if bi.sq == 0:
             continue
-        q = heads_of(a["query"], cfg, b, False).astype(np.float64)
-        k = heads_of(a["key"], cfg, b, True).astype(np.float64)
-        v = heads_of(a["value"], cfg, b, True).astype(np.float64)
+        q = heads_of(a["query"], cfg, b, False).astype(np.float64, order="C")
+        k = heads_of(a["key"], cfg, b, True).astype(np.float64, order="C")
+        v = heads_of(a["value"], cfg, b, True).astype(np.float64, order="C")
         o_b = heads_of(out, cfg, b, False)
         r0 = stats_row0(cfg, b)
         for h in _head_chunks(cfg, b):
@@ -212,11 +212,11 @@ def backward_arrays(cfg: OpConfig, a: dict[str, Any]) -> dict[str, np.ndarray | 
     for b, bi in enumerate(cfg.batches):
         if bi.sq == 0 or bi.skv == 0:
             continue
-        q = heads_of(a["query"], cfg, b, False).astype(np.float64)
-        k = heads_of(a["key"], cfg, b, True).astype(np.float64)
-        v = heads_of(a["value"], cfg, b, True).astype(np.float64)
-        dy = heads_of(a["dy"], cfg, b, False).astype(np.float64)
-        o = heads_of(a["attention_in"], cfg, b, False).astype(np.float64)
+        q = heads_of(a["query"], cfg, b, False).astype(np.float64, order="C")
+        k = heads_of(a["key"], cfg, b, True).astype(np.float64, order="C")
+        v = heads_of(a["value"], cfg, b, True).astype(np.float64, order="C")
+        dy = heads_of(a["dy"], cfg, b, False).astype(np.float64, order="C")
+        o = heads_of(a["attention_in"], cfg, b, False).astype(np.float64, order="C")
         dq_b, dk_b, dv_b = heads_of(dq, cfg, b, False), heads_of(dk, cfg, b, True), heads_of(dv, cfg, b, True)
         r0 = stats_row0(cfg, b)
         masked_all = dense_masked(cfg, b, a.get("atten_mask"))
@@ -228,7 +228,8 @@ def backward_arrays(cfg: OpConfig, a: dict[str, Any]) -> dict[str, np.ndarray | 
             masked = masked_all[h] if masked_all.shape[0] > 1 else masked_all
             kk, vv = _kv_for(k, cfg, h), _kv_for(v, cfg, h)
             S = _scores(cfg, q[h], kk, pse_dense(cfg, pse, b, h), masked)
-            P = np.exp(S - m) / l
+            with np.errstate(over="ignore"):  # overflow needs a supplied max below a score (invalid rows: zeroed)
+                P = np.exp(S - m) / l
             P = np.where((m == -FLT_MAX) & (l == FLT_MAX), 0.0, P)  # invalid rows contribute exactly 0 (A5)
             dP = dy[h] @ vv.transpose(0, 2, 1)
             keep = _keep(cfg, a.get("drop_mask"), b, h)

@@ -1,0 +1,128 @@
+"""C-style two-phase mirror of CANN's aclnnFlashAttentionScoreGrad (status codes instead of exceptions).
+
+Strict like CANN: attention_in, softmax_max, softmax_sum and the outputs are required (161001).
+Outputs are written in place into the arrays passed as dqOut/dkOut/dvOut/dpseOut."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .arrays import to_numpy
+from .config import INT32_MAX, OpConfig, validate
+from .errors import ACLNN_ERR_PARAM_INVALID, ACLNN_SUCCESS, FagError, invalid, nullptr
+
+
+@dataclass
+class Executor:
+    """What GetWorkspaceSize prepared: the validated config, the inputs and the output arrays."""
+
+    cfg: OpConfig
+    arrays: dict[str, Any]
+    outputs: dict[str, Any]
+    workspace_size: int
+    used: bool = False
+    last_error: FagError | None = None
+
+
+def _workspace_bytes(cfg: OpConfig) -> int:
+    """Bytes of fp32 scratch the backward kernels use (Di + dq accumulators [+ dpse accumulator])."""
+    if cfg.empty or cfg.target == "reference":
+        return 0
+    from .kernels.abi import kernel_spec
+    from .kernels.bwd import bwd_workspace_floats
+
+    spec = kernel_spec(cfg, "bwd")
+    rows = (cfg.T if cfg.tnd else cfg.B * cfg.Sq) * cfg.N1
+    n = bwd_workspace_floats(spec, rows)
+    return 4 * n
+
+
+def aclnnFlashAttentionScoreGradGetWorkspaceSize(
+    query: Any, keyIn: Any, value: Any, dy: Any, pseShiftOptional: Any, dropMaskOptional: Any,
+    paddingMaskOptional: Any, attenMaskOptional: Any, softmaxMaxOptional: Any, softmaxSumOptional: Any,
+    softmaxInOptional: Any, attentionInOptional: Any, prefixOptional: Any, scaleValueOptional: float,
+    keepProbOptional: float, preTokensOptional: int, nextTokensOptional: int, headNum: int, inputLayout: str,
+    innerPreciseOptional: int, sparseModeOptional: int, dqOut: Any, dkOut: Any, dvOut: Any, dpseOut: Any,
+    target: str = "llvm",
+) -> tuple[int, int, Executor | None]:
+    """Phase 1: validate everything (CANN argument order) → (status, workspace_size, executor)."""
+    try:
+        arrays = {"query": to_numpy(query, "query"), "key": to_numpy(keyIn, "keyIn"),
+                  "value": to_numpy(value, "value"), "dy": to_numpy(dy, "dy"),
+                  "pse_shift": to_numpy(pseShiftOptional, "pseShiftOptional"),
+                  "drop_mask": to_numpy(dropMaskOptional, "dropMaskOptional"),
+                  "padding_mask": to_numpy(paddingMaskOptional, "paddingMaskOptional"),
+                  "atten_mask": to_numpy(attenMaskOptional, "attenMaskOptional"),
+                  "softmax_max": to_numpy(softmaxMaxOptional, "softmaxMaxOptional"),
+                  "softmax_sum": to_numpy(softmaxSumOptional, "softmaxSumOptional"),
+                  "softmax_in": to_numpy(softmaxInOptional, "softmaxInOptional"),
+                  "attention_in": to_numpy(attentionInOptional, "attentionInOptional")}
+        outs = {"dq": dqOut, "dk": dkOut, "dv": dvOut, "dpse": dpseOut}
+        for name, param in (("dq", "dqOut"), ("dk", "dkOut"), ("dv", "dvOut")):
+            if outs[name] is None:
+                raise nullptr(param)
+        cfg = validate(
+            "bwd", arrays["query"], arrays["key"], arrays["value"], arrays["dy"],
+            **{k: arrays[k] for k in ("pse_shift", "drop_mask", "padding_mask", "atten_mask", "softmax_max",
+                                      "softmax_sum", "softmax_in", "attention_in")},
+            prefix=prefixOptional, scale_value=scaleValueOptional, keep_prob=keepProbOptional,
+            pre_tokens=INT32_MAX if preTokensOptional is None else preTokensOptional,
+            next_tokens=INT32_MAX if nextTokensOptional is None else nextTokensOptional, head_num=headNum,
+            input_layout=inputLayout, inner_precise=innerPreciseOptional or 0,
+            sparse_mode=sparseModeOptional or 0, target=target, strict=True)
+        for name, src, param in (("dq", "query", "dqOut"), ("dk", "key", "dkOut"), ("dv", "value", "dvOut")):
+            o = to_numpy(outs[name], param)
+            if o.shape != arrays[src].shape or o.dtype != arrays[src].dtype:
+                raise invalid(param, f"shape/dtype {o.shape}/{o.dtype} must equal {src}'s "
+                              f"{arrays[src].shape}/{arrays[src].dtype}")
+        if dpseOut is not None and cfg.dpse_computed:
+            o = to_numpy(dpseOut, "dpseOut")
+            if o.shape != arrays["pse_shift"].shape or o.dtype != arrays["pse_shift"].dtype:
+                raise invalid("dpseOut", "shape/dtype must equal pseShiftOptional's")
+        ex = Executor(cfg, arrays, outs, _workspace_bytes(cfg))
+        return ACLNN_SUCCESS, ex.workspace_size, ex
+    except FagError as e:
+        return e.code, 0, None
+
+
+def aclnnFlashAttentionScoreGrad(workspace: Any, workspaceSize: int, executor: Executor | None,
+                                 stream: Any = None) -> int:
+    """Phase 2: run the prepared call; writes dqOut/dkOut/dvOut (and dpseOut when computed)."""
+    if executor is None:
+        return ACLNN_ERR_PARAM_INVALID
+    if executor.used:
+        executor.last_error = invalid("executor", "an executor runs once (CANN semantics)")
+        return ACLNN_ERR_PARAM_INVALID
+    if workspaceSize < executor.workspace_size:
+        executor.last_error = invalid("workspaceSize", f"{workspaceSize} < required {executor.workspace_size}")
+        return ACLNN_ERR_PARAM_INVALID
+    executor.used = True
+    cfg = executor.cfg
+    if cfg.empty:
+        return ACLNN_SUCCESS
+    from .api import _backend
+
+    try:
+        g = _backend(cfg.target).backward_arrays(cfg, executor.arrays)
+    except FagError as e:
+        executor.last_error = e
+        return e.code
+    for name in ("dq", "dk", "dv", "dpse"):
+        dst = executor.outputs[name]
+        if dst is None or g[name] is None:
+            continue
+        _write_into(dst, g[name])
+    return ACLNN_SUCCESS
+
+
+def _write_into(dst: Any, src: np.ndarray) -> None:
+    if isinstance(dst, np.ndarray):
+        dst[...] = src
+        return
+    import torch
+
+    from .arrays import output_converter
+
+    dst.copy_(output_converter(dst)(src))

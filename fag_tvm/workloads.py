@@ -1,0 +1,110 @@
+"""Workloads (DESIGN): the JSON objects `compile`/`tune` take, the CPU suite S1–S9, and their configs.
+
+A workload is validated exactly like a call (through `config.validate` on zero-stride stand-in arrays),
+so a workload names the same kernels a real call with those shapes would need."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from .arrays import NAME_TO_DTYPE
+from .config import OpConfig, validate
+from .errors import invalid
+
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "float32": "float32",
+                 "float16": "float16", "bfloat16": "bfloat16"}
+REQUIRED = ("B", "N1", "N2", "Sq", "Skv", "D", "Dv", "input_layout", "dtype", "sparse_mode")
+
+SUITE: dict[str, dict[str, Any]] = {
+    sid: {"B": B, "N1": nq, "N2": nkv, "Sq": sq, "Skv": skv, "D": d, "Dv": d, "input_layout": "BNSD",
+          "dtype": dt, "sparse_mode": 3 if causal else 0}
+    for sid, (B, nq, nkv, sq, skv, d, causal, dt) in {
+        "S1": (1, 8, 8, 1024, 1024, 64, False, "float32"),
+        "S2": (1, 8, 8, 1024, 1024, 64, True, "float32"),
+        "S3": (1, 8, 8, 2048, 2048, 128, True, "float32"),
+        "S4": (1, 32, 8, 1024, 1024, 128, True, "float32"),
+        "S5": (2, 16, 16, 512, 512, 128, False, "float32"),
+        "S6": (1, 2, 2, 8192, 8192, 128, True, "float32"),
+        "S7": (1, 8, 8, 512, 2048, 64, False, "float32"),
+        "S8": (1, 4, 4, 1000, 1000, 64, True, "float32"),
+        "S9": (1, 8, 8, 2048, 2048, 128, True, "bfloat16"),
+    }.items()
+}
+
+
+def _stand_in(shape: tuple[int, ...], dtype) -> np.ndarray:
+    return np.broadcast_to(np.zeros((), dtype=dtype), shape)
+
+
+def load_workloads(arg: str) -> list[dict[str, Any]]:
+    """A suite id (S1..S9), a comma list of ids, a JSON object/list, or a path to a JSON file."""
+    ids = [s.strip() for s in arg.split(",")]
+    if all(i in SUITE for i in ids):
+        return [dict(SUITE[i], id=i) for i in ids]
+    try:
+        text = open(arg).read()
+    except OSError:
+        text = arg
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise invalid("workload", f"not a suite id (S1..S9), JSON or a JSON file: {e}") from None
+    return data if isinstance(data, list) else [data]
+
+
+def configs(w: dict[str, Any]) -> tuple[OpConfig, OpConfig]:
+    """(forward config, backward config) of one workload."""
+    from .masks import compressed_causal_mask, compressed_prefix_mask
+
+    missing = [k for k in REQUIRED if k not in w]
+    if missing:
+        raise invalid("workload", f"missing fields {missing} in {w}")
+    dt_name = DTYPE_ALIASES.get(str(w["dtype"]))
+    if dt_name is None:
+        raise invalid("workload.dtype", f"unknown dtype {w['dtype']!r}")
+    dt = NAME_TO_DTYPE[dt_name]
+    B, N1, N2, Sq, Skv, D, Dv = (int(w[k]) for k in ("B", "N1", "N2", "Sq", "Skv", "D", "Dv"))
+    L = w["input_layout"]
+    mode = int(w["sparse_mode"])
+
+    def shp(S, N, d):
+        return {"BSH": (B, S, N * d), "SBH": (S, B, N * d), "BSND": (B, S, N, d), "BNSD": (B, N, S, d),
+                "TND": (B * S, N, d)}.get(L, (B, N, S, d))
+
+    kw: dict[str, Any] = dict(head_num=N1, input_layout=L, sparse_mode=mode,
+                              keep_prob=float(w.get("keep_prob", 1.0)), pse_type=int(w.get("pse_type", 1)))
+    if L == "TND":
+        kw.update(actual_seq_qlen=np.arange(1, B + 1) * Sq, actual_seq_kvlen=np.arange(1, B + 1) * Skv)
+    if mode in (2, 3, 4, 7, 8):
+        kw["atten_mask"] = compressed_causal_mask()
+    elif mode == 6:
+        kw["atten_mask"] = compressed_prefix_mask()
+    elif mode in (0, 1, 5) and w.get("mask", mode != 0):
+        kw["atten_mask"] = _stand_in((B, 1, Sq, Skv) if mode == 5 else (Sq, Skv), np.bool_)
+    if mode in (5, 6):
+        kw["prefix"] = np.full(B, Skv, dtype=np.int64)
+    if kw["keep_prob"] < 1.0:
+        kw["drop_mask"] = _stand_in(((B * N1 * Sq * Skv + 7) // 8,), np.uint8)
+    pse = w.get("pse")
+    if pse:
+        shapes = {"BNSS": (B, N1, Sq, Skv), "1NSS": (1, N1, Sq, Skv), "BN1S": (B, N1, 1, Skv),
+                  "BNHS": (B, N1, 1024, Skv), "1NHS": (1, N1, 1024, Skv), "slopes_N": (N1,),
+                  "slopes_BN": (B, N1)}
+        if pse not in shapes:
+            raise invalid("workload.pse", f"unknown pse shape name {pse!r}; one of {sorted(shapes)}")
+        kw["pse_shift"] = _stand_in(shapes[pse], np.float32 if pse.startswith("slopes") else dt)
+    q, k, v = _stand_in(shp(Sq, N1, D), dt), _stand_in(shp(Skv, N2, D), dt), _stand_in(shp(Skv, N2, Dv), dt)
+    dy = _stand_in(shp(Sq, N1, Dv), dt)
+    fwd = validate("fwd", q, k, v, **kw)
+    st = (B * Sq, N1, 8) if L == "TND" else (B, N1, Sq, 8)
+    bwd = validate("bwd", q, k, v, dy, softmax_max=_stand_in(st, np.float32), softmax_sum=_stand_in(st, np.float32),
+                   attention_in=dy, **kw)
+    return fwd, bwd
+
+
+def flops(w: dict[str, Any]) -> float:
+    """Backward FLOPs by DESIGN's convention: 2.5·4·B·N·Sq·Skv·D, halved for causal."""
+    causal = int(w["sparse_mode"]) in (2, 3)
+    return 2.5 * 4 * w["B"] * w["N1"] * w["Sq"] * w["Skv"] * w["D"] * (0.5 if causal else 1.0)
