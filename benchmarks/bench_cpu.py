@@ -37,6 +37,19 @@ def flops(B, Nq, Sq, Skv, D, causal) -> float:
     return 2.5 * 4 * B * Nq * Sq * Skv * D * (0.5 if causal else 1.0)
 
 
+def _fixed_mmap_threshold() -> None:
+    """Make every large allocation a fresh mmap (glibc otherwise recycles freed heap memory, which hides
+    growth from the peak-RSS counter): fixed M_MMAP_THRESHOLD = 128 KiB, immediate trimming."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+    except OSError:
+        pass
+
+
 def _rss_peak_reset() -> int:
     """Reset the peak-RSS counter; return the current RSS in bytes."""
     try:
@@ -105,11 +118,13 @@ def peer_callable(shape, q, k, v, dy):
     return run
 
 
-def measure(fn, repeat: int):
-    fn()  # warm-up (compile / cache load / allocator)
+def peak_growth(fn) -> int:
+    """Peak RSS growth (bytes) of one call over what the process holds before it (inputs, kernels)."""
+    fn()  # warm-up (compile / cache load)
     base = _rss_peak_reset()
-    fn()
+    out = fn()
     peak = max(0, _status("VmHWM") - base)
+    del out
     return peak
 
 
@@ -123,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
+    _fixed_mmap_threshold()
     import torch
 
     torch.set_num_threads(args.threads)
@@ -137,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         q, k, v, dy = make_inputs(shape)
         ours = ours_callable(shape, q, k, v, dy)
         peer = None if args.no_peer else peer_callable(shape, q, k, v, dy)
-        mem_ours = measure(ours, 1)
-        mem_peer = measure(peer, 1) if peer else 0
+        mem_ours = peak_growth(ours)
+        mem_peer = peak_growth(peer) if peer else 0
         t_ours, t_peer = [], []
         for _ in range(args.repeat):
             t0 = time.perf_counter(); ours(); t_ours.append(time.perf_counter() - t0)

@@ -238,9 +238,19 @@ def runtime_library_path() -> str:
 _RUNTIME_HANDLE = None
 
 
+def _runtime_already_mapped() -> bool:
+    try:
+        with open("/proc/self/maps") as f:
+            return "libtvm_runtime.so" in f.read()
+    except OSError:  # pragma: no cover - non-Linux
+        return "tvm" in __import__("sys").modules
+
+
 def load_runtime(path: str | None = None) -> None:
     """dlopen libtvm_runtime.so with RTLD_GLOBAL (once). Needed before tvm_ffi.load_module of a kernel."""
     global _RUNTIME_HANDLE
+    if _RUNTIME_HANDLE is None and _runtime_already_mapped():
+        _RUNTIME_HANDLE = "already-loaded"  # e.g. by `import tvm`: a second copy would register twice (abort)
     if _RUNTIME_HANDLE is None:
         set_num_threads()
         # libtvm_runtime.so needs libtvm_ffi.so (DT_NEEDED, not on the loader path): importing tvm_ffi

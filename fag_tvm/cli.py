@@ -79,6 +79,22 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _cmd_compile(args: argparse.Namespace) -> int:
+    """AOT package for a list of workloads (DESIGN workload JSON, or suite ids S1..S9)."""
+    from .package import build_package
+    from .workloads import load_workloads
+
+    if args.target != "llvm":
+        print(f"target {args.target!r}: only llvm packages can be built", file=sys.stderr)
+        return 2
+    workloads = load_workloads(args.workloads)
+    t0 = time.perf_counter()
+    m = build_package(workloads, args.out)
+    print(f"{args.out}: {len(m['kernels'])} kernels for {len(workloads)} workloads in "
+          f"{time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     try:
@@ -104,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--causal", action="store_true", help="sparse_mode 2 (left-up causal)")
     s.add_argument("--repeat", type=int, default=5)
     s.set_defaults(fn=_cmd_quickstart)
+    s = sub.add_parser("compile", help="build an AOT package (manifest + kernels.so + runtime) for workloads")
+    s.add_argument("--target", default="llvm", choices=("llvm",))
+    s.add_argument("--workloads", required=True,
+                   help="JSON file with a list of workloads, a JSON string, or suite ids like S1,S3")
+    s.add_argument("--out", required=True, help="package folder (replaced atomically)")
+    s.set_defaults(fn=_cmd_compile)
     s = sub.add_parser("bench", help="CPU benchmark suite S1-S9 vs PyTorch (benchmarks/bench_cpu.py)")
     s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for benchmarks/bench_cpu.py (--help)")
     s.set_defaults(fn=_cmd_bench)
