@@ -33,6 +33,15 @@ def import_tvm():
     return tvm
 
 
+def tirx_script():
+    """(tvm.tirx, tvm.script.tirx) for the kernel generators: the TIR IR module and TVMScript's `T`."""
+    import_tvm()
+    from tvm import tirx  # noqa: PLC0415
+    from tvm.script import tirx as T  # noqa: PLC0415, N812
+
+    return tirx, T
+
+
 def import_tvm_ffi():
     import tvm_ffi  # noqa: PLC0415
 

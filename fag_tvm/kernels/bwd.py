@@ -17,6 +17,7 @@ Scratch is O(tile) per thread; ws holds Di and the fp32 dq accumulator (O(rows *
 """
 from __future__ import annotations
 
+from .._tvm import tirx_script
 from .spec import KernelSpec, bwd_workspace_floats, param_names  # noqa: F401 (re-export)
 
 
@@ -28,7 +29,7 @@ def bwd_param_names(spec: KernelSpec) -> list[str]:
 def make_bwd(spec: KernelSpec, knobs=None, name: str = "fag_bwd"):
     # TVM is imported here, not at module level: hosts import this module for the workspace size /
     # parameter names without loading the compiler.
-    from tvm.script import tirx as T
+    _, T = tirx_script()
 
     from schedules.llvm import default_knobs, gemm_shape, prune
 

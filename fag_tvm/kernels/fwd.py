@@ -9,6 +9,7 @@ P' = P * drop / keep rounded to dtype; O += P' V (micro-kernel). Finally o = O /
 """
 from __future__ import annotations
 
+from .._tvm import tirx_script
 from .spec import KernelSpec, param_names
 
 def fwd_param_names(spec: KernelSpec) -> list[str]:
@@ -18,7 +19,7 @@ def fwd_param_names(spec: KernelSpec) -> list[str]:
 def make_fwd(spec: KernelSpec, knobs=None, name: str = "fag_fwd"):
     # TVM is imported here, not at module level: hosts import this module for the workspace size /
     # parameter names without loading the compiler.
-    from tvm.script import tirx as T
+    _, T = tirx_script()
 
     from schedules.llvm import default_knobs, gemm_shape, prune
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from tvm import tirx
-from tvm.script import tirx as T
+from .._tvm import tirx_script
+
+tirx, T = tirx_script()
 
 FLT_MAX = 3.4028234663852886e38  # exactly float32 max (0x7F7FFFFF)
 ALIBI_ROWS = 1024
