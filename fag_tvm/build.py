@@ -56,38 +56,23 @@ def default_knobs(spec: KernelSpec, target: dict | None = None):
     return dk(spec, vec=_tvm.vector_lanes(target))
 
 
-def tuned_knobs_path(target: dict | None = None) -> Path:
-    """tuning_logs/<llvm-mcpu>/best.json: {spec key without knobs: {knob: value, ...}} (written by tuners)."""
-    base = os.environ.get("FAG_TVM_TUNING_LOGS") or str(_ROOT.parent / "tuning_logs")
-    return Path(base) / _tvm.target_name(target) / "best.json"
+def knobs_for(spec: KernelSpec, target: dict | None = None, shape: Any = None):
+    """(knobs, origin): the tuned knobs of `spec` for this target from
+    tuning_logs/llvm/<spec key>/best.json (written by `fag-tvm tune`; root overridable with
+    $FAG_TVM_TUNING_LOGS), else the schedule template's defaults. origin is "tuned:<file>#<workload>" or
+    "default". Records whose metadata does not match (kernel source hash, TVM version, target, CPU
+    model) or whose knobs are infeasible are ignored with a logged reason (fag_tvm.tune.tuned_knobs).
+    `shape` (a workload dict or an OpConfig) picks the record of the same/nearest shape; without it the
+    record of the family's largest tuned workload is used."""
+    from .tune import tuned_knobs
 
-
-@functools.lru_cache(maxsize=16)
-def _tuned_table(path: str, mtime: float) -> dict:
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
-def knobs_for(spec: KernelSpec, target: dict | None = None):
-    """(knobs, origin): the tuned knobs of `spec` for this target if tuning_logs has a feasible record,
-    else the schedule template's defaults. origin is "tuned:<file>" or "default"."""
-    from schedules.llvm import LLVMKnobs, prune
-
-    p = tuned_knobs_path(target)
-    if p.exists():
-        table = _tuned_table(str(p), p.stat().st_mtime)
-        rec = table.get(spec.key("llvm"))
-        if isinstance(rec, dict):
-            rec = rec.get("knobs", rec)
-            try:
-                k = LLVMKnobs(**{f: rec[f] for f in LLVMKnobs.__dataclass_fields__ if f in rec})
-                if k.vec == _tvm.vector_lanes(target) and prune(spec, k, l2=1 << 40)[0]:
-                    return k, f"tuned:{p}"
-            except (TypeError, ValueError):
-                pass
+        r = tuned_knobs(spec, target, shape)
+    except Exception as e:  # noqa: BLE001 - a broken log must never break a build
+        warnings.warn(f"fag_tvm: tuning logs unusable ({e}); using default knobs")
+        r = None
+    if r is not None:
+        return r
     return default_knobs(spec, target), "default"
 
 

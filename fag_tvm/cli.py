@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="CPU benchmark suite S1-S9 vs PyTorch (benchmarks/bench_cpu.py)")
     s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for benchmarks/bench_cpu.py (--help)")
     s.set_defaults(fn=_cmd_bench)
+    from .tune import add_tuning_commands
+
+    add_tuning_commands(sub)
     return p
 
 

@@ -1,0 +1,79 @@
+"""Ablations of the backward on one suite shape: what each design choice is worth, in one process.
+
+    python benchmarks/ablation.py [--shape S2] [--repeat 5]
+Variants: default knobs; tile skipping off (TILE_SKIP=0, causal shapes); other tile sizes. Thread
+scaling is in thread_scaling.py (the pool size is fixed per process)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--shape", default="S2")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--json", default="bench_results/ablation.json")
+    args = p.parse_args()
+    os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 2))
+    from bench_cpu import SUITE, flops, make_inputs
+
+    import fag_tvm
+    from fag_tvm import build, llvm_backend
+    from fag_tvm.config import validate
+    from schedules.llvm import LLVMKnobs
+
+    shape = SUITE[args.shape]
+    B, Nq, Nkv, Sq, Skv, D, causal, dt = shape
+    q, k, v, dy = make_inputs(shape)
+    kw = dict(head_num=Nq, input_layout="BNSD", scale_value=D ** -0.5)
+    if causal:
+        kw.update(atten_mask=fag_tvm.masks.compressed_causal_mask(), sparse_mode=3)
+    f = fag_tvm.flash_attention_score(q, k, v, **kw)
+    arrays = dict(query=q, key=k, value=v, dy=dy, atten_mask=kw.get("atten_mask"), softmax_max=f.softmax_max,
+                  softmax_sum=f.softmax_sum, attention_in=f.attention_out)
+    cfg = validate("bwd", q, k, v, dy, **{x: arrays[x] for x in ("atten_mask", "softmax_max", "softmax_sum",
+                                                                  "attention_in")},
+                   **{x: kw[x] for x in kw if x != "atten_mask"})
+
+    def timed(provider=llvm_backend.jit_kernel, tile_skip=None):
+        orig = llvm_backend._aligned_params
+        if tile_skip is not None:
+            llvm_backend._aligned_params = lambda c, a, ts: orig(c, a, tile_skip)
+        try:
+            llvm_backend.backward_arrays(cfg, arrays, provider)
+            ts = []
+            for _ in range(args.repeat):
+                t0 = time.perf_counter()
+                llvm_backend.backward_arrays(cfg, arrays, provider)
+                ts.append(time.perf_counter() - t0)
+        finally:
+            llvm_backend._aligned_params = orig
+        return float(np.median(ts))
+
+    fl = flops(B, Nq, Sq, Skv, D, causal)
+    rows = [("default knobs", timed())]
+    if causal:
+        rows.append(("tile skipping off (TILE_SKIP=0)", timed(tile_skip=False)))
+    for bq, bkv in ((32, 32), (64, 128), (128, 64), (128, 128)):
+        knobs = LLVMKnobs(block_q=bq, block_kv=bkv)
+        rows.append((f"tiles {bq}x{bkv}", timed(lambda spec, kn=knobs: build.build_kernel(spec, kn))))
+    base = rows[0][1]
+    print(f"{args.shape} backward ({'causal' if causal else 'full'}), threads {os.environ['TVM_NUM_THREADS']}")
+    for name, t in rows:
+        print(f"  {name:34s} {t * 1e3:8.2f} ms  {fl / t / 1e9:7.1f} GFLOP/s  x{t / base:5.2f} vs default")
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    json.dump({"shape": args.shape, "rows": [{"variant": n, "ms": t * 1e3} for n, t in rows]},
+              open(args.json, "w"), indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
