@@ -19,18 +19,16 @@ import numpy as np
 
 ROOF_GFLOPS = {"fp32": 460.0, "bf16": 900.0}  # DESIGN: ~460 fp32 / ~900 bf16 on 2 cores here
 
-SUITE = {
-    # id: (B, Nq, Nkv, Sq, Skv, D, causal, dtype)
-    "S1": (1, 8, 8, 1024, 1024, 64, False, "fp32"),
-    "S2": (1, 8, 8, 1024, 1024, 64, True, "fp32"),
-    "S3": (1, 8, 8, 2048, 2048, 128, True, "fp32"),
-    "S4": (1, 32, 8, 1024, 1024, 128, True, "fp32"),
-    "S5": (2, 16, 16, 512, 512, 128, False, "fp32"),
-    "S6": (1, 2, 2, 8192, 8192, 128, True, "fp32"),
-    "S7": (1, 8, 8, 512, 2048, 64, False, "fp32"),
-    "S8": (1, 4, 4, 1000, 1000, 64, True, "fp32"),
-    "S9": (1, 8, 8, 2048, 2048, 128, True, "bf16"),
-}
+
+def _suite() -> dict[str, tuple]:
+    """S1–S9 of DESIGN (defined once, in fag_tvm.workloads) as (B, Nq, Nkv, Sq, Skv, D, causal, dtype)."""
+    from fag_tvm.workloads import SUITE as W
+
+    return {sid: (w["B"], w["N1"], w["N2"], w["Sq"], w["Skv"], w["D"], w["sparse_mode"] in (2, 3),
+                  "fp32" if w["dtype"] == "float32" else "bf16") for sid, w in W.items()}
+
+
+SUITE = _suite()
 
 
 def flops(B, Nq, Sq, Skv, D, causal) -> float:
