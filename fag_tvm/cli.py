@@ -56,6 +56,15 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     g = fag_tvm.flash_attention_score_grad(q, k, v, dy, softmax_max=f.softmax_max, softmax_sum=f.softmax_sum,
                                            attention_in=f.attention_out, **kw)
     print(f"first call (compile or cache load + run): {time.perf_counter() - t0:.2f} s")
+    from .build import knobs_for
+    from .config import validate
+    from .kernels.abi import kernel_spec
+
+    cfg = validate("fwd", q, k, v, **{x: kw[x] for x in kw})
+    for direction in ("fwd", "bwd"):
+        spec = kernel_spec(cfg, direction)
+        knobs, origin = knobs_for(spec)
+        print(f"  {direction}: {spec.key('llvm', knobs)}  (knobs: {origin})")
     fr = fag_tvm.reference.flash_attention_score(q, k, v, **kw)
     gr = fag_tvm.reference.flash_attention_score_grad(q, k, v, dy, softmax_max=f.softmax_max,
                                                       softmax_sum=f.softmax_sum, attention_in=f.attention_out, **kw)
