@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="package folder (replaced atomically)")
     s.set_defaults(fn=_cmd_compile)
     s = sub.add_parser("bench", help="CPU benchmark suite S1-S9 vs PyTorch (benchmarks/bench_cpu.py)")
-    s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for benchmarks/bench_cpu.py (--help)")
+    s.add_argument("rest", nargs=argparse.REMAINDER,
+                   help="arguments for benchmarks/bench_cpu.py: --shapes S1,S2 --repeat N --json PATH --no-peer")
     s.set_defaults(fn=_cmd_bench)
     from .tune import add_tuning_commands
 
@@ -145,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"] and argv[1:2] not in (["-h"], ["--help"]):
+        # everything after `bench` belongs to benchmarks/bench_cpu.py (argparse REMAINDER drops leading options)
+        return _cmd_bench(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     return int(args.fn(args) or 0)
 
