@@ -1,6 +1,7 @@
 """Public entry points: validate → dispatch by target → outputs in the caller's array kind (SPEC A9)."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -41,29 +42,23 @@ def _collect(query, key, value, dy, kw: dict[str, Any]) -> dict[str, Any]:
     return arrays
 
 
-class _Backend:
-    """forward_arrays / backward_arrays of one target (and, for compiled targets, a kernel provider)."""
+class _Backend(NamedTuple):
+    """forward_arrays / backward_arrays of one target, bound to a kernel provider for compiled targets."""
 
-    def __init__(self, target: str, provider=None):
-        if target == "reference":
-            from . import reference as mod
-        else:
-            from . import llvm_backend as mod
-        self.mod, self.provider = mod, provider
-
-    def forward_arrays(self, cfg, a):
-        if self.provider is None:
-            return self.mod.forward_arrays(cfg, a)
-        return self.mod.forward_arrays(cfg, a, provider=self.provider)
-
-    def backward_arrays(self, cfg, a):
-        if self.provider is None:
-            return self.mod.backward_arrays(cfg, a)
-        return self.mod.backward_arrays(cfg, a, provider=self.provider)
+    forward_arrays: Any
+    backward_arrays: Any
 
 
 def _backend(target: str, provider=None) -> _Backend:
-    return _Backend(target, provider)
+    if target == "reference":
+        from . import reference as mod
+
+        return _Backend(mod.forward_arrays, mod.backward_arrays)
+    from . import llvm_backend as mod
+
+    if provider is None:
+        return _Backend(mod.forward_arrays, mod.backward_arrays)
+    return _Backend(partial(mod.forward_arrays, provider=provider), partial(mod.backward_arrays, provider=provider))
 
 
 def flash_attention_score_grad(
