@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main() -> int:
@@ -23,19 +22,20 @@ def main() -> int:
     p.add_argument("--json", default="bench_results/ablation.json")
     args = p.parse_args()
     os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 2))
-    from bench_cpu import SUITE, flops, make_inputs
-
     import fag_tvm
-    from fag_tvm import build, llvm_backend
+    from fag_tvm import jit, targets
     from fag_tvm.config import validate
-    from schedules.llvm import LLVMKnobs
+    from fag_tvm.targets.llvm import launch
 
-    shape = SUITE[args.shape]
-    B, Nq, Nkv, Sq, Skv, D, causal, dt = shape
-    q, k, v, dy = make_inputs(shape)
-    kw = dict(head_num=Nq, input_layout="BNSD", scale_value=D ** -0.5)
-    if causal:
-        kw.update(atten_mask=fag_tvm.masks.compressed_causal_mask(), sparse_mode=3)
+    llvm = targets.get("llvm")
+    hw = llvm.hw()
+
+    from fag_tvm.workloads import SUITE, call_args, flops
+
+    w = SUITE[args.shape]
+    causal = w["sparse_mode"] in (2, 3)
+    q, k, v, dy, kw = call_args(w)
+    kw["scale_value"] = w["D"] ** -0.5
     f = fag_tvm.flash_attention_score(q, k, v, **kw)
     arrays = dict(query=q, key=k, value=v, dy=dy, atten_mask=kw.get("atten_mask"), softmax_max=f.softmax_max,
                   softmax_sum=f.softmax_sum, attention_in=f.attention_out)
@@ -43,28 +43,29 @@ def main() -> int:
                                                                   "attention_in")},
                    **{x: kw[x] for x in kw if x != "atten_mask"})
 
-    def timed(provider=llvm_backend.jit_kernel, tile_skip=None):
-        orig = llvm_backend._aligned_params
+    def timed(provider=jit.provider(llvm), tile_skip=None):
+        orig = launch._aligned_params
         if tile_skip is not None:
-            llvm_backend._aligned_params = lambda c, a, ts: orig(c, a, tile_skip)
+            launch._aligned_params = lambda c, a, ts: orig(c, a, tile_skip)
         try:
-            llvm_backend.backward_arrays(cfg, arrays, provider)
+            launch.backward_arrays(cfg, arrays, provider)
             ts = []
             for _ in range(args.repeat):
                 t0 = time.perf_counter()
-                llvm_backend.backward_arrays(cfg, arrays, provider)
+                launch.backward_arrays(cfg, arrays, provider)
                 ts.append(time.perf_counter() - t0)
         finally:
-            llvm_backend._aligned_params = orig
+            launch._aligned_params = orig
         return float(np.median(ts))
 
-    fl = flops(B, Nq, Sq, Skv, D, causal)
+    fl = flops(w)
     rows = [("default knobs", timed())]
     if causal:
         rows.append(("tile skipping off (TILE_SKIP=0)", timed(tile_skip=False)))
     for bq, bkv in ((32, 32), (64, 128), (128, 64), (128, 128)):
-        knobs = LLVMKnobs(block_q=bq, block_kv=bkv)
-        rows.append((f"tiles {bq}x{bkv}", timed(lambda spec, kn=knobs: build.build_kernel(spec, kn))))
+        rows.append((f"tiles {bq}x{bkv}", timed(
+            lambda spec, bq=bq, bkv=bkv: jit.kernel(llvm, spec, llvm.schedule.with_knobs(
+                llvm.default_knobs(spec, hw), block_q=bq, block_kv=bkv)))))
     base = rows[0][1]
     print(f"{args.shape} backward ({'causal' if causal else 'full'}), threads {os.environ['TVM_NUM_THREADS']}")
     for name, t in rows:

@@ -7,31 +7,23 @@ arrays from `astype` (16-byte aligned: the API first copies q/k/v/dy/o into alig
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--repeat", type=int, default=15)
     args = p.parse_args()
-    from bench_cpu import SUITE, make_inputs, ours_callable
-
-    from fag_tvm._tvm import ensure_aligned
+    from fag_tvm.bench import backward_callable
+    from fag_tvm.workloads import SUITE
 
     fns = {}
     for kind in ("aligned", "numpy"):
         for sid in ("S1", "S2"):
-            shape = SUITE[sid]
-            inputs = make_inputs(shape)
-            if kind == "aligned":
-                inputs = tuple(ensure_aligned(x) for x in inputs)
-            fns[(kind, sid)] = ours_callable(shape, *inputs)
+            fns[(kind, sid)] = backward_callable(SUITE[sid], aligned=kind == "aligned")[0]
             fns[(kind, sid)]()
     ts = {key: [] for key in fns}
     for _ in range(args.repeat):

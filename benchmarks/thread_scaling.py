@@ -12,10 +12,9 @@ import sys
 
 _CHILD = r"""
 import json, os, sys, time, numpy as np
-sys.path.insert(0, {here!r})
-from bench_cpu import SUITE, make_inputs, ours_callable
-shape = SUITE[{sid!r}]
-fn = ours_callable(shape, *make_inputs(shape))
+from fag_tvm.bench import backward_callable
+from fag_tvm.workloads import SUITE
+fn = backward_callable(SUITE[{sid!r}])[0]
 fn()
 ts = []
 for _ in range({repeat}):
@@ -30,13 +29,12 @@ def main() -> int:
     p.add_argument("--shape", default="S2")
     p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args()
-    here = os.path.dirname(os.path.abspath(__file__))
     rows = []
     for threads in ("1", None):
         env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
         if threads:
             env["TVM_NUM_THREADS"] = threads
-        out = subprocess.run([sys.executable, "-c", _CHILD.format(here=here, sid=args.shape, repeat=args.repeat)],
+        out = subprocess.run([sys.executable, "-c", _CHILD.format(sid=args.shape, repeat=args.repeat)],
                              env=env, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         rows.append(json.loads(out))
     print(f"{args.shape}: 1 thread {rows[0]['ms']:.1f} ms | default ({rows[1]['threads']} threads) "

@@ -1,7 +1,7 @@
 """Template-default vs tuned knobs, measured side by side in one process (suite S1–S9, backward).
 
 For each workload: the default knobs of schedules/llvm.py and the knobs the build path picks from
-tuning_logs (`build.knobs_for(spec, shape=workload)`, i.e. the record of that shape) are compiled to
+tuning_logs (`jit.knobs_for(target, spec, shape=workload)`, i.e. the record of that shape) are compiled to
 two kernels, run once on the same inputs (outputs must agree), then timed alternately (ABAB…, the
 order flipping every repetition, so drift and noise hit both). Reported: median ms, GFLOP/s, the
 speedup default/tuned (ratio of medians) and the median of the per-repetition paired ratios.
@@ -45,21 +45,25 @@ def main(argv: list[str] | None = None) -> int:
     from fag_tvm import _tvm
 
     _tvm.set_num_threads()
-    from fag_tvm import build, tune
-    from fag_tvm.kernels.spec import param_names
-    from fag_tvm.workloads import SUITE
+    from dataclasses import asdict
 
+    from fag_tvm import jit, targets
+    from fag_tvm.tune.task import make_task, spec_of
+    from fag_tvm.workloads import SUITE, flops
+
+    llvm = targets.get("llvm")
+    hw = llvm.hw()
     rows = []
     for sid in args.shapes.split(","):
         w = dict(SUITE[sid], id=sid)
-        task = tune.make_task(w)
-        spec = tune.spec_of(task)
-        dk = build.default_knobs(spec)
-        tk, origin = build.knobs_for(spec, shape=w)
-        kd = build.build_kernel(spec, dk)
-        kt = build.build_kernel(spec, tk)
-        host = tune.kernel_args(task)
-        names = param_names(spec)
+        task = make_task(llvm, w, hw=hw)
+        spec = spec_of(task)
+        dk = llvm.default_knobs(spec, hw)
+        tk, origin = jit.knobs_for(llvm, spec, hw, shape=w)
+        kd = jit.kernel(llvm, spec, dk)
+        kt = jit.kernel(llvm, spec, tk)
+        host = llvm.measurement_args(task)
+        names = kd.param_names
         outs = [names.index(n) for n in ("dq", "dk", "dv")]
         kd(*host)
         ref = [_f32(host[i].copy(), spec.dtype) for i in outs]
@@ -77,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             pair = [(kd, td), (kt, tt)] if r % 2 == 0 else [(kt, tt), (kd, td)]
             for k, acc in pair:
                 acc.append(_time(k, host, number))
-        fl = tune.flops(w)
+        fl = flops(w)
         md, mt = float(np.median(td)), float(np.median(tt))
         row = {"id": sid, "shape": {k: w[k] for k in ("B", "N1", "N2", "Sq", "Skv", "D", "dtype", "sparse_mode")},
-               "default_knobs": tune.knob_dict(dk), "tuned_knobs": tune.knob_dict(tk), "tuned_origin": origin,
+               "default_knobs": asdict(dk), "tuned_knobs": asdict(tk), "tuned_origin": origin,
                "default_kernel": kd.name, "tuned_kernel": kt.name, "default_ms": md * 1e3, "tuned_ms": mt * 1e3,
                "default_gflops": fl / md / 1e9, "tuned_gflops": fl / mt / 1e9, "speedup": md / mt,
                "paired_speedup": float(np.median(np.array(td) / np.array(tt))), "rel_err_vs_default": err,
@@ -104,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['paired_speedup']:5.2f}x")
     n = sum(r["speedup"] >= 1.15 for r in rows)
     print(f"{n} of {len(rows)} shapes >= 1.15x faster with the tuned knobs; threads {_tvm.num_threads()}")
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu_model": tune.cpu_model(), "threads": _tvm.num_threads(),
-            "cpu_target": _tvm.cpu_target(), "tvm": _tvm.tvm_version(), "source_hash": build.source_hash(),
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": llvm.machine(), "threads": _tvm.num_threads(),
+            "hw": hw, "tvm": _tvm.tvm_version(), "source_hash": llvm.source_hash(),
             "repeat": args.repeat, "min_ms": args.min_ms}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:

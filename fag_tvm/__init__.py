@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from . import dropout, masks, reference
 from .api import ForwardResult, GradResult, flash_attention_score, flash_attention_score_grad
+from .version import __version__
 from .errors import ACLNN_ERR_PARAM_INVALID, ACLNN_ERR_PARAM_NULLPTR, ACLNN_SUCCESS, FagError
 
-__version__ = "0.1.0"
 
 __all__ = [
     "flash_attention_score_grad", "flash_attention_score", "GradResult", "ForwardResult", "FagError",
@@ -18,7 +18,7 @@ __all__ = [
 
 def __getattr__(name: str):
     # Lazy submodules that pull in heavier dependencies.
-    if name in ("aclnn", "runtime", "cli", "build"):
+    if name in ("aclnn", "runtime", "cli", "jit", "package", "targets", "workloads", "testing"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)

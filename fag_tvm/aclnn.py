@@ -27,16 +27,12 @@ class Executor:
 
 
 def _workspace_bytes(cfg: OpConfig) -> int:
-    """Bytes of fp32 scratch the backward kernels use (Di + dq accumulators [+ dpse accumulator])."""
-    if cfg.empty or cfg.target == "reference":
+    """Bytes of scratch the target's backward uses for this call (the target says: Target.workspace_bytes)."""
+    if cfg.empty:
         return 0
-    from .kernels.abi import kernel_spec
-    from .kernels.bwd import bwd_workspace_floats
+    from . import targets
 
-    spec = kernel_spec(cfg, "bwd")
-    rows = (cfg.T if cfg.tnd else cfg.B * cfg.Sq) * cfg.N1
-    n = bwd_workspace_floats(spec, rows)
-    return 4 * n
+    return targets.get(cfg.target).workspace_bytes(cfg)
 
 
 def aclnnFlashAttentionScoreGradGetWorkspaceSize(
@@ -81,6 +77,9 @@ def aclnnFlashAttentionScoreGradGetWorkspaceSize(
             o = to_numpy(dpseOut, "dpseOut")
             if o.shape != arrays["pse_shift"].shape or o.dtype != arrays["pse_shift"].dtype:
                 raise invalid("dpseOut", "shape/dtype must equal pseShiftOptional's")
+        from . import targets
+
+        targets.get(cfg.target)  # unknown target: 161002 naming it
         ex = Executor(cfg, arrays, outs, _workspace_bytes(cfg))
         return ACLNN_SUCCESS, ex.workspace_size, ex
     except FagError as e:
@@ -102,10 +101,10 @@ def aclnnFlashAttentionScoreGrad(workspace: Any, workspaceSize: int, executor: E
     cfg = executor.cfg
     if cfg.empty:
         return ACLNN_SUCCESS
-    from .api import _backend
+    from .api import run_backward
 
     try:
-        g = _backend(cfg.target).backward_arrays(cfg, executor.arrays)
+        g = run_backward(cfg, executor.arrays)
     except FagError as e:
         executor.last_error = e
         return e.code

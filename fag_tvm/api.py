@@ -1,11 +1,13 @@
-"""Public entry points: validate → dispatch by target → outputs in the caller's array kind (SPEC A9)."""
+"""Public entry points: validate → dispatch through the target registry → outputs in the caller's
+array kind (SPEC A9). Compiled targets get their kernels from the JIT cache unless a caller (an AOT
+package) supplies a kernel provider."""
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from . import targets
 from .arrays import output_converter, to_numpy
 from .config import INT32_MAX, OpConfig, validate
 
@@ -28,37 +30,44 @@ class ForwardResult(NamedTuple):
     attention_out: Any
 
 
-_ARRAY_ARGS = ("pse_shift", "drop_mask", "padding_mask", "atten_mask", "softmax_max", "softmax_sum",
-               "softmax_in", "attention_in")
+ARRAY_ARGS = ("pse_shift", "drop_mask", "padding_mask", "atten_mask", "softmax_max", "softmax_sum",
+              "softmax_in", "attention_in")
 
 
-def _collect(query, key, value, dy, kw: dict[str, Any]) -> dict[str, Any]:
+def collect_arrays(query, key, value, dy, kw: dict[str, Any]) -> dict[str, Any]:
+    """The call's array arguments as NumPy (None stays absent)."""
     arrays = {"query": to_numpy(query, "query"), "key": to_numpy(key, "key"), "value": to_numpy(value, "value")}
     if dy is not None:
         arrays["dy"] = to_numpy(dy, "dy")
-    for name in _ARRAY_ARGS:
+    for name in ARRAY_ARGS:
         if name in kw:
             arrays[name] = to_numpy(kw[name], name)
     return arrays
 
 
-class _Backend(NamedTuple):
-    """forward_arrays / backward_arrays of one target, bound to a kernel provider for compiled targets."""
+def _check_target(target: Any) -> None:
+    """Unknown targets are FagError 161002 naming `target` (before any array is looked at)."""
+    if isinstance(target, str) and target:
+        targets.get(target)
 
-    forward_arrays: Any
-    backward_arrays: Any
+
+def kernels_for(target: targets.Target, provider: targets.KernelProvider | None) -> targets.KernelProvider | None:
+    """The kernel provider of a call: the caller's (AOT package), else the JIT cache (compiled targets)."""
+    if provider is not None or not target.compiled:
+        return provider
+    from .jit import provider as jit_provider
+
+    return jit_provider(target)
 
 
-def _backend(target: str, provider=None) -> _Backend:
-    if target == "reference":
-        from . import reference as mod
+def run_forward(cfg: OpConfig, a: dict[str, Any], provider=None) -> dict[str, Any]:
+    t = targets.get(cfg.target)
+    return t.forward_arrays(cfg, a, kernels_for(t, provider))
 
-        return _Backend(mod.forward_arrays, mod.backward_arrays)
-    from . import llvm_backend as mod
 
-    if provider is None:
-        return _Backend(mod.forward_arrays, mod.backward_arrays)
-    return _Backend(partial(mod.forward_arrays, provider=provider), partial(mod.backward_arrays, provider=provider))
+def run_backward(cfg: OpConfig, a: dict[str, Any], provider=None) -> dict[str, Any]:
+    t = targets.get(cfg.target)
+    return t.backward_arrays(cfg, a, kernels_for(t, provider))
 
 
 def flash_attention_score_grad(
@@ -73,28 +82,28 @@ def flash_attention_score_grad(
     """Backward of flash attention with CANN aclnnFlashAttentionScoreGrad semantics (SPEC §3).
 
     If softmax_max, softmax_sum and attention_in are all None, they are computed with the forward (A4)."""
+    _check_target(target)
     kw = dict(pse_shift=pse_shift, drop_mask=drop_mask, padding_mask=padding_mask, atten_mask=atten_mask,
               softmax_max=softmax_max, softmax_sum=softmax_sum, softmax_in=softmax_in, attention_in=attention_in)
-    a = _collect(query, key, value, dy, kw)
+    a = collect_arrays(query, key, value, dy, kw)
     scalars = dict(head_num=head_num, input_layout=input_layout, prefix=prefix, actual_seq_qlen=actual_seq_qlen,
                    actual_seq_kvlen=actual_seq_kvlen, scale_value=scale_value, keep_prob=keep_prob,
                    pre_tokens=pre_tokens, next_tokens=next_tokens, inner_precise=inner_precise,
                    sparse_mode=sparse_mode, pse_type=pse_type, q_start_idx=q_start_idx, kv_start_idx=kv_start_idx,
                    deterministic=deterministic, target=target)
     cfg = validate("bwd", a["query"], a["key"], a["value"], a.get("dy"),
-                   **{k: a.get(k) for k in _ARRAY_ARGS}, **scalars)
+                   **{k: a.get(k) for k in ARRAY_ARGS}, **scalars)
     conv = output_converter(query)
     if cfg.empty:
         return GradResult(conv(np.empty_like(a["query"])), conv(np.empty_like(a["key"])),
                           conv(np.empty_like(a["value"])), None)
-    backend = _backend(cfg.target, _provider)
     if not cfg.stats_given:
-        fcfg = validate("fwd", a["query"], a["key"], a["value"], **{k: a.get(k) for k in _ARRAY_ARGS
+        fcfg = validate("fwd", a["query"], a["key"], a["value"], **{k: a.get(k) for k in ARRAY_ARGS
                                                                      if k not in ("softmax_max", "softmax_sum",
                                                                                   "attention_in")}, **scalars)
-        f = backend.forward_arrays(fcfg, a)
+        f = run_forward(fcfg, a, _provider)
         a = dict(a, softmax_max=f["softmax_max"], softmax_sum=f["softmax_sum"], attention_in=f["attention_out"])
-    g = backend.backward_arrays(cfg, a)
+    g = run_backward(cfg, a, _provider)
     return GradResult(conv(g["dq"]), conv(g["dk"]), conv(g["dv"]), conv(g["dpse"]))
 
 
@@ -107,8 +116,9 @@ def flash_attention_score(
     target: str = "llvm", _provider=None,
 ) -> ForwardResult:
     """Forward of flash attention (CANN aclnnFlashAttentionScore): stats + output, invalid-row handling (§8)."""
+    _check_target(target)
     kw = dict(pse_shift=pse_shift, drop_mask=drop_mask, padding_mask=padding_mask, atten_mask=atten_mask)
-    a = _collect(query, key, value, None, kw)
+    a = collect_arrays(query, key, value, None, kw)
     cfg = validate("fwd", a["query"], a["key"], a["value"], **{k: a.get(k) for k in kw},
                    head_num=head_num, input_layout=input_layout, prefix=prefix, actual_seq_qlen=actual_seq_qlen,
                    actual_seq_kvlen=actual_seq_kvlen, scale_value=scale_value, keep_prob=keep_prob,
@@ -121,7 +131,7 @@ def flash_attention_score(
         q = a["query"]
         return ForwardResult(conv(np.empty((0,), np.float32)), conv(np.empty((0,), np.float32)), conv(empty_out),
                              conv(np.empty_like(q)))
-    f = _backend(cfg.target, _provider).forward_arrays(cfg, a)
+    f = run_forward(cfg, a, _provider)
     return ForwardResult(conv(f["softmax_max"]), conv(f["softmax_sum"]), conv(empty_out), conv(f["attention_out"]))
 
 

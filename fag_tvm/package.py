@@ -1,15 +1,12 @@
-"""AOT packages: compile every kernel a list of workloads needs into one verifiable folder.
+"""AOT packages: compile every kernel a list of workloads needs, for one or more targets, into one
+self-verifying folder (format: fag_tvm.core.manifest). Building needs the TVM compiler; loading
+(fag_tvm.runtime) does not.
 
-    DIR/manifest.json       kernel entries (spec, knobs, argument names), target, versions, source hash,
-                            sha256 of every file
-    DIR/kernels.so          all kernels, one exported TVM library
-    DIR/libtvm_runtime.so   the runtime the kernels need (loaded by fag_tvm.runtime with tvm-ffi only)
-
-Building needs the TVM compiler; loading (fag_tvm.runtime) does not."""
+The folder is assembled in a temp dir beside `out_dir` and renamed into place. An existing `out_dir` is
+replaced only if it is an earlier fag_tvm package (or with force=True); any other non-empty folder is
+refused. Packages get the usual permissions (umask), not mkdtemp's private 0700."""
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import sys
@@ -18,23 +15,15 @@ import time
 from dataclasses import asdict
 from typing import Any, Callable
 
-from . import __version__, _tvm
-from .kernels.abi import kernel_spec
-from .kernels.spec import KernelSpec, param_names
+from . import _tvm, targets
+from .core.abi import kernel_spec
+from .core.files import atomic_write_json, sha256_file
+from .core.manifest import FORMAT, MANIFEST, read_manifest
+from .core.spec import KernelSpec
+from .errors import FagError, invalid
+from .jit import knobs_for
+from .version import __version__
 from .workloads import configs
-
-FORMAT = "fag_tvm-package/1"
-MANIFEST = "manifest.json"
-LIBRARY = "kernels.so"
-RUNTIME = "libtvm_runtime.so"
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def specs_for(workloads: list[dict[str, Any]]) -> list[KernelSpec]:
@@ -48,43 +37,69 @@ def specs_for(workloads: list[dict[str, Any]]) -> list[KernelSpec]:
     return out
 
 
-def build_package(workloads: list[dict[str, Any]], out_dir: str, target: dict | None = None,
-                  log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
-    """Compile the kernels of `workloads` into the package folder `out_dir` (replaced atomically)."""
-    from .build import knobs_for, make_func, source_hash
+def _check_destination(out_dir: str, force: bool) -> None:
+    if not os.path.lexists(out_dir):
+        return
+    if not os.path.isdir(out_dir) or os.path.islink(out_dir):
+        raise invalid("out", f"{out_dir} exists and is not a folder")
+    if force or not os.listdir(out_dir):
+        return
+    try:
+        read_manifest(out_dir)
+    except FagError:
+        raise invalid("out", f"{out_dir} is a non-empty folder that is not a fag_tvm package; refusing to "
+                      "replace it (choose another --out, or pass --force)") from None
 
-    tvm = _tvm.import_tvm()
-    target = dict(target or _tvm.cpu_target())
+
+def build_package(workloads: list[dict[str, Any]], out_dir: str, target_names: tuple[str, ...] = ("llvm",),
+                  force: bool = False, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)
+                  ) -> dict:
+    """Compile the kernels of `workloads` for every target in `target_names` into the package `out_dir`."""
+    _check_destination(out_dir, force)
     specs = specs_for(workloads)
-    entries, funcs = [], {}
-    for i, spec in enumerate(specs):
-        knobs, origin = knobs_for(spec, target)
-        name = spec.key("llvm", knobs)
-        log(f"[{i + 1}/{len(specs)}] {name} (knobs: {origin})")
-        funcs[name] = make_func(spec, knobs, name)
-        entries.append({"entry": name, "spec": asdict(spec), "knobs": asdict(knobs), "knobs_origin": origin,
-                        "params": param_names(spec)})
-    t0 = time.perf_counter()
-    ex = tvm.compile(tvm.IRModule(funcs), target=tvm.target.Target(target))
-    log(f"compiled {len(funcs)} kernels in {time.perf_counter() - t0:.1f} s")
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".fagpkg-", dir=parent)
     try:
-        ex.export_library(os.path.join(tmp, LIBRARY))
-        shutil.copy2(_tvm.runtime_library_path(), os.path.join(tmp, RUNTIME))
-        manifest = {
-            "format": FORMAT, "fag_tvm_version": __version__, "tvm_version": _tvm.tvm_version(),
-            "tvm_ffi_version": _tvm.tvm_ffi_version(), "source_hash": source_hash(), "target": target,
-            "cpu_flags_required": required_flags(target), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "library": LIBRARY, "runtime_library": RUNTIME, "kernels": entries, "workloads": workloads,
-            "files": {f: sha256_file(os.path.join(tmp, f)) for f in (LIBRARY, RUNTIME)},
-        }
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=1)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        artifacts, files = [], {}
+        for tname in target_names:
+            t = targets.get(tname)
+            if not t.compiled:
+                raise invalid("target", f"{tname} has no compiled kernels to package")
+            hw = t.hw()
+            lib = f"{t.name}-{t.hw_tag(hw)}{t.library_suffix}"
+            entries, funcs = [], {}
+            for i, spec in enumerate(specs):
+                knobs, origin = knobs_for(t, spec, hw)
+                fs = t.make_funcs(spec, knobs, hw)
+                log(f"[{t.name} {i + 1}/{len(specs)}] {t.entry_name(spec, knobs, hw)} (knobs: {origin})")
+                funcs.update(fs)
+                entries.append({"entry": t.entry_name(spec, knobs, hw), "spec": asdict(spec), "knobs": asdict(knobs),
+                                "knobs_origin": origin, "phases": list(t.phases(spec)),
+                                "params": {ph: t.param_names(spec, ph) for ph in t.phases(spec)}})
+            t0 = time.perf_counter()
+            t.export(t.compile(funcs, hw), os.path.join(tmp, lib))
+            log(f"[{t.name}] compiled {len(funcs)} kernels in {time.perf_counter() - t0:.1f} s")
+            rt = {}
+            for name, src in t.runtime_files().items():
+                if name not in files:
+                    shutil.copy2(src, os.path.join(tmp, name))
+                rt[name] = name
+            for name in [lib, *rt.values()]:
+                p = os.path.join(tmp, name)
+                files[name] = {"size": os.path.getsize(p), "sha256": sha256_file(p)}
+            artifacts.append({"target": t.name, "hw": hw, "source_hash": t.source_hash(), "library": lib,
+                              "runtime_files": rt, "kernels": entries})
+        manifest = {"format": FORMAT, "fag_tvm_version": __version__, "tvm_version": _tvm.tvm_version(),
+                    "tvm_ffi_version": _tvm.tvm_ffi_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "workloads": workloads, "artifacts": artifacts, "files": files}
+        atomic_write_json(os.path.join(tmp, MANIFEST), manifest)
         if os.path.isdir(out_dir):
-            old = out_dir.rstrip("/") + f".old-{os.getpid()}"
-            os.replace(out_dir, old)
+            old = tempfile.mkdtemp(prefix=".fagpkg-old-", dir=parent)
+            os.replace(out_dir, os.path.join(old, "pkg"))
             os.replace(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -93,11 +108,6 @@ def build_package(workloads: list[dict[str, Any]], out_dir: str, target: dict | 
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     size = sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir))
-    log(f"package {out_dir}: {len(entries)} kernels, {size / 2**20:.1f} MiB")
+    n = sum(len(a["kernels"]) for a in manifest["artifacts"])
+    log(f"package {out_dir}: {n} kernels, {size / 2**20:.1f} MiB")
     return manifest
-
-
-def required_flags(target: dict) -> list[str]:
-    """CPU flags a machine needs to run code built for `target` (checked when a package is loaded)."""
-    lanes = _tvm.vector_lanes(target)
-    return ["avx512f"] if lanes == 16 else ["avx2", "fma"] if lanes == 8 else []

@@ -1,7 +1,9 @@
 """`fag-tvm report`: tuning curves, default-vs-tuned table and XGBoost model quality (PNG + HTML + JSON).
 
-Inputs: the tuning databases under `<log-dir>/llvm/*/` (curves: records in measurement order, best
-GFLOP/s so far vs trials, the template default as a dashed line) and, when available, the side-by-side
+Reads records only (fag_tvm.tune.records / database: no tuner, no TVM compiler except for the optional
+model-quality evaluation). Inputs: the tuning databases under `<log-dir>/<target>/*/` (curves: records in
+measurement order; "best so far" and the template default both use each point's median over all its
+measurements, so the plot never claims a gain the record does not have) and, when available, the side-by-side
 measurement of `benchmarks/tuned_vs_default.py` (the table; otherwise the table falls back to the
 tuning-time measurements in best.json, which were taken at different moments).
 
@@ -27,28 +29,37 @@ from typing import Any
 
 import numpy as np
 
-from . import tune as T
+from . import _tvm, targets
+from .core.spec import KernelSpec
+from .targets.base import Target
+from .tune.database import read_family
+from .tune.records import BEST, aggregate, check_logs, default_log_dir, read_best
+from .workloads import flops
 
 
-def collect(log_dir) -> list[dict]:
+def _median(x: list[float]) -> float:
+    return float(np.median(x)) if x else float("inf")
+
+
+def collect(t: Target, log_dir) -> list[dict]:
     """One row per best.json entry: entry + the records of its database workload in trial order."""
-    base = Path(log_dir) / T.TARGET_DIR
+    base = Path(log_dir) / t.name
     rows = []
-    for bp in sorted(base.glob(f"*/{T.BEST}")):
-        doc = T._read_best(bp)
+    for bp in sorted(base.glob(f"*/{BEST}")):
+        doc = read_best(bp)
         if not doc:
             continue
-        fam = {e["shash"]: e for e in T.load_family(bp.parent)}
+        fam = {e["shash"]: e for e in read_family(bp.parent, t.knobs_from_dict)}
         for e in doc.get("entries", []):
             ent = fam.get(e.get("meta", {}).get("workload_hash"))
             if ent is None:
                 continue
-            fl = T.flops(e["workload"], e["direction"])
+            fl = flops(e["workload"], e["direction"])
             recs = [{"knobs": r["knobs"], "ok": r["ok"],
-                     "ms": T._median(r["run_secs"]) * 1e3 if r["ok"] else None,
-                     "gflops": fl / T._median(r["run_secs"]) / 1e9 if r["ok"] else 0.0} for r in ent["records"]]
+                     "ms": _median(r["run_secs"]) * 1e3 if r["ok"] else None,
+                     "gflops": fl / _median(r["run_secs"]) / 1e9 if r["ok"] else 0.0} for r in ent["records"]]
             rows.append({"family": bp.parent.name, "entry": e, "task": ent["task"], "records": recs,
-                         "raw": ent["records"]})
+                         "raw": ent["records"], "target": t})
     order = {f"S{i}": i for i in range(1, 10)}
     rows.sort(key=lambda r: (order.get(r["entry"]["id"], 99), r["entry"]["id"], r["entry"]["direction"]))
     return rows
@@ -70,7 +81,7 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def _points(r: dict) -> dict:
     """knobs -> median ms over all measurements of the point (confirmation re-measurements included)."""
-    return {k: a["t"] * 1e3 for k, a in T.aggregate(r["raw"]).items()}
+    return {k: a["t"] * 1e3 for k, a in aggregate(r["raw"]).items()}
 
 
 def _dataset(rows: list[dict]):
@@ -82,15 +93,18 @@ def _dataset(rows: list[dict]):
             continue
         best = min(pts.values())
         for k, t in pts.items():
-            X.append(T.knob_features(r["task"], k))
+            t_, task = r["target"], r["task"]
+            X.append(t_.features(KernelSpec(**task["spec"]), task["workload"], k, task["hw"]))
             y.append(best / t)
             g.append(gi)
             ms.append(t)
     return np.array(X, dtype="float32"), np.array(y), np.array(g), np.array(ms)
 
 
-def _fit_predict(Xtr, ytr, Xte) -> np.ndarray:
-    m = T.xgb_model(num_warmup_samples=0)
+def _fit_predict(t: Target, Xtr, ytr, Xte) -> np.ndarray:
+    from .tune.cost_model import xgb_model
+
+    m = xgb_model(t, num_warmup_samples=0)
     m._train(xs=[x[None, :] for x in Xtr], ys=ytr.astype("float32"))  # the routine XGBModel.update uses
     return np.asarray(m._predict(xs=[x[None, :] for x in Xte]))
 
@@ -104,15 +118,15 @@ def _scores(pred: np.ndarray, ms: np.ndarray) -> dict:
             "regret": float(ms[int(np.argmax(pred))] / ms.min())}
 
 
-def model_quality(rows: list[dict], seed: int = 0) -> dict:
+def model_quality(t: Target, rows: list[dict], seed: int = 0) -> dict:
     X, y, g, ms = _dataset(rows)
-    out: dict[str, Any] = {"points": int(len(y)), "workloads": int(len(set(g.tolist()))), "features": len(T.FEATURE_NAMES),
-                           "lowo": [], "kfold": []}
+    out: dict[str, Any] = {"points": int(len(y)), "workloads": int(len(set(g.tolist()))),
+                           "features": len(t.feature_names), "lowo": [], "kfold": []}
     if len(set(g.tolist())) < 2:
         return out
     for gi in sorted(set(g.tolist())):
         te = g == gi
-        pred = _fit_predict(X[~te], y[~te], X[te])
+        pred = _fit_predict(t, X[~te], y[~te], X[te])
         out["lowo"].append({"id": rows[gi]["entry"]["id"], **_scores(pred, ms[te])})
     rng = np.random.default_rng(seed)
     for gi in sorted(set(g.tolist())):
@@ -126,7 +140,7 @@ def model_quality(rows: list[dict], seed: int = 0) -> dict:
                 continue
             mask = np.ones(len(y), bool)
             mask[f] = False
-            p = _fit_predict(X[mask], y[mask], X[f])
+            p = _fit_predict(t, X[mask], y[mask], X[f])
             for v, pv in zip(f, p):
                 preds[pos[v]] = pv
         out["kfold"].append({"id": rows[gi]["entry"]["id"], **_scores(preds, ms[idx])})
@@ -150,7 +164,7 @@ def space_summary(rows: list[dict]) -> list[dict]:
         if not t:
             continue
         best = min(t.values())
-        dt = t.get(T.LLVMKnobs_from(e["default_knobs"]))
+        dt = t.get(r["target"].knobs_from_dict(e["default_knobs"]))
         vals = np.array(sorted(t.values()))
         out.append({"id": e["id"], "points": len(t), "default_rank": 1 + int(np.sum(vals < dt)) if dt else None,
                     "default_over_fastest": dt / best if dt else None,
@@ -179,7 +193,7 @@ def table_rows(rows: list[dict], bench: dict | None) -> tuple[list[dict], str]:
 
 
 def _ktag(k: dict) -> str:
-    return f"{k['block_q']}x{k['block_kv']} mr{k['mr']} nr{k['nr']}"
+    return " ".join(f"{n}={v}" for n, v in k.items())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -197,14 +211,19 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     nrows = -(-n // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
     for ax, r in zip(axes.flat, rows):
-        g = [x["gflops"] for x in r["records"]]
-        best = np.maximum.accumulate(g) if g else []
-        t = np.arange(1, len(g) + 1)
-        ax.scatter(t, g, s=10, color="0.6", label="trial")
-        ax.plot(t, best, color="C0", lw=2, label="best so far")
         e = r["entry"]
-        if "default_gflops" in e:
-            ax.axhline(e["default_gflops"], color="C3", ls="--", lw=1, label="template default")
+        fl = flops(e["workload"], e["direction"])
+        pts = _points(r)  # knobs -> median ms over every measurement of the point
+        g = [x["gflops"] for x in r["records"]]
+        # best so far over each point's median (the same statistic as the table and the default line)
+        med = [fl / pts[x["knobs"]] / 1e6 if x["ok"] and x["knobs"] in pts else 0.0 for x in r["records"]]
+        best = np.maximum.accumulate(med) if med else []
+        t = np.arange(1, len(g) + 1)
+        ax.scatter(t, g, s=10, color="0.6", label="measurement")
+        ax.plot(t, best, color="C0", lw=2, label="best so far (point medians)")
+        dflt = pts.get(r["target"].knobs_from_dict(e["default_knobs"]))
+        if dflt:
+            ax.axhline(fl / dflt / 1e6, color="C3", ls="--", lw=1, label="template default (median)")
         ax.set_title(f"{e['id']} {e['direction']}: {_ktag(e['knobs'])}", fontsize=9)
         ax.set_xlabel("trial")
         ax.set_ylabel("GFLOP/s")
@@ -242,7 +261,8 @@ def write_html(out: Path, rows, trows, source, mq, checks, space=()) -> None:
          "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse}"
          "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}</style>",
          f"<h1>fag_tvm tuning report</h1><p>{html.escape(time.strftime('%Y-%m-%d %H:%M'))} &middot; "
-         f"CPU {html.escape(T.cpu_model())} &middot; TVM {html.escape(T._tvm.tvm_version())}</p>",
+         f"target {html.escape(rows[0]['target'].name if rows else '-')} &middot; "
+         f"{html.escape(rows[0]['target'].machine() if rows else '')} &middot; TVM {html.escape(_tvm.tvm_version())}</p>",
          f"<h2>Default vs tuned</h2><p>{html.escape(source)}</p><table><tr><th>id</th><th>default knobs</th>"
          "<th>tuned knobs</th><th>default ms</th><th>tuned ms</th><th>speedup</th></tr>"]
     for r in trows:
@@ -283,10 +303,11 @@ def write_html(out: Path, rows, trows, source, mq, checks, space=()) -> None:
     (out / "index.html").write_text("\n".join(h))
 
 
-def build_report(log_dir, out_dir, bench_path: str | None = None, model: bool = True) -> dict:
+def build_report(log_dir, out_dir, bench_path: str | None = None, model: bool = True, target: str = "llvm") -> dict:
+    t = targets.get(target)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = collect(log_dir)
+    rows = collect(t, log_dir)
     bench = None
     bp = bench_path or ("bench_results/tuned_vs_default.json" if os.path.exists("bench_results/tuned_vs_default.json")
                         else None)
@@ -294,8 +315,8 @@ def build_report(log_dir, out_dir, bench_path: str | None = None, model: bool = 
         with open(bp) as f:
             bench = json.load(f)
     trows, source = table_rows(rows, bench)
-    mq = model_quality(rows) if model else None
-    checks = T.check_logs(log_dir)
+    mq = model_quality(t, rows) if model else None
+    checks = check_logs(t, log_dir)
     plot_curves(rows, out / "tuning_curves.png")
     plot_table(trows, out / "default_vs_tuned.png")
     space = space_summary(rows)
@@ -309,12 +330,11 @@ def build_report(log_dir, out_dir, bench_path: str | None = None, model: bool = 
 
 
 def main(args: argparse.Namespace) -> int:
-    log_dir = Path(args.log_dir) if args.log_dir else T.default_log_dir()
-    s = build_report(log_dir, args.out, args.bench, model=not args.no_model)
-    print(f"{'id':4s} {'default knobs':18s} {'tuned knobs':18s} {'default ms':>10s} {'tuned ms':>9s} {'speedup':>8s}")
+    log_dir = Path(args.log_dir) if args.log_dir else default_log_dir()
+    s = build_report(log_dir, args.out, args.bench, model=not args.no_model, target=getattr(args, "target", "llvm"))
     for r in s["table"]:
-        print(f"{r['id']:4s} {_ktag(r['default_knobs']):18s} {_ktag(r['tuned_knobs']):18s} "
-              f"{r['default_ms']:10.2f} {r['tuned_ms']:9.2f} {r['speedup']:7.2f}x")
+        print(f"{r['id']:4s} default [{_ktag(r['default_knobs'])}] {r['default_ms']:.2f} ms -> tuned "
+              f"[{_ktag(r['tuned_knobs'])}] {r['tuned_ms']:.2f} ms: {r['speedup']:.2f}x")
     print(f"({s['table_source']})")
     for x in s["space"]:
         dof = "-" if x["default_over_fastest"] is None else f"{x['default_over_fastest']:.3f}"

@@ -1,135 +1,95 @@
-"""Load an AOT package and call it — without the TVM compiler (tvm-ffi + the packaged runtime library).
+"""Load an AOT package and call it — without the TVM compiler (tvm-ffi + the packaged runtime files).
 
     pkg = fag_tvm.runtime.load("pkg_dir")
     g = pkg.flash_attention_score_grad(q, k, v, dy, head_num=..., input_layout=..., ...)
 
-Before anything is loaded, the manifest's format, fag_tvm / TVM versions, kernel source hash, CPU
-features and the sha256 of every file are verified; any mismatch is a FagError (161002) saying what
-differs. Deploy mode never compiles: a call no packaged kernel serves raises FagError naming the
-missing kernel. Calls are thread-safe (the kernels are re-entrant; the loader state is read-only)."""
+Before anything is loaded the package is verified (fag_tvm.core.manifest: versions, per-target source
+hash, hardware vs this machine, size + sha256 of every file, entry names vs the manifest); any problem is
+a FagError (161002) saying what differs. Deploy mode never compiles: a call no packaged kernel serves
+raises FagError naming the missing kernel. Calls are thread-safe (kernels are re-entrant; the loader
+state is read-only). This module imports neither the JIT builder nor the tuner."""
 from __future__ import annotations
 
-import json
 import os
 import threading
 from typing import Any
 
-from . import __version__, _tvm
+from . import targets
 from .api import flash_attention_score, flash_attention_score_grad
-from .errors import FagError, invalid
-from .kernels.spec import KernelSpec
-
-PINNED_TVM = "0.27.0.post1"
-_FORMAT = "fag_tvm-package/1"
-
-
-class _PackagedKernel:
-    """One entry of kernels.so with the ABI argument checks of build.Kernel."""
-
-    def __init__(self, spec: KernelSpec, name: str, fn: Any, params: list[str]):
-        self.spec, self.name, self.fn, self.param_names = spec, name, fn, params
-
-    def __call__(self, *arrays: Any) -> None:
-        if len(arrays) != len(self.param_names):
-            raise TypeError(f"{self.name}: expected {len(self.param_names)} arguments, got {len(arrays)}")
-        args = []
-        for i, a in enumerate(arrays):
-            _tvm.check_kernel_arg(a, i)
-            args.append(_tvm.kernel_view(a))
-        self.fn(*args)
-
-
-class Package:
-    """A loaded AOT package; same call signatures as fag_tvm.flash_attention_score{,_grad}."""
-
-    def __init__(self, path: str, manifest: dict, module: Any):
-        self.path = path
-        self.manifest = manifest
-        self._kernels: dict[KernelSpec, _PackagedKernel] = {}
-        for e in manifest["kernels"]:
-            spec = KernelSpec(**e["spec"])
-            self._kernels[spec] = _PackagedKernel(spec, e["entry"], module[e["entry"]], list(e["params"]))
-
-    @property
-    def kernel_names(self) -> list[str]:
-        return [k.name for k in self._kernels.values()]
-
-    def _provider(self, spec: KernelSpec) -> _PackagedKernel:
-        k = self._kernels.get(spec)
-        if k is None:
-            raise invalid("package", f"unsupported: no kernel in {self.path} serves this call; missing "
-                          f"{spec.key('llvm')} (add the workload to the package; deploy mode never compiles)")
-        return k
-
-    def flash_attention_score_grad(self, query: Any, key: Any, value: Any, dy: Any, **kwargs: Any):
-        """As fag_tvm.flash_attention_score_grad, served by this package's kernels only."""
-        kwargs.pop("target", None)
-        return flash_attention_score_grad(query, key, value, dy, target="llvm", _provider=self._provider, **kwargs)
-
-    def flash_attention_score(self, query: Any, key: Any, value: Any, **kwargs: Any):
-        """As fag_tvm.flash_attention_score, served by this package's kernels only."""
-        kwargs.pop("target", None)
-        return flash_attention_score(query, key, value, target="llvm", _provider=self._provider, **kwargs)
-
-    def __repr__(self) -> str:
-        return f"Package({self.path!r}, {len(self._kernels)} kernels)"
-
+from .core.manifest import refuse, verify
+from .core.spec import KernelSpec
+from .errors import invalid
+from .targets.base import Kernel
+from .version import __version__
 
 _LOAD_LOCK = threading.Lock()
 
 
-def _refuse(rule: str) -> FagError:
-    return invalid("package", rule)
+class Package:
+    """A loaded AOT package; same call signatures as fag_tvm.flash_attention_score{,_grad}. `target=`
+    picks one of the package's targets (default: the first one built)."""
 
+    def __init__(self, path: str, manifest: dict, kernels: dict[str, dict[KernelSpec, Kernel]]):
+        self.path = path
+        self.manifest = manifest
+        self._kernels = kernels
+        self.targets = tuple(kernels)
 
-def verify(path: str) -> dict:
-    """Check a package folder without loading code; returns its manifest or raises FagError."""
-    from .build import source_hash
-    from .package import MANIFEST, sha256_file
+    @property
+    def kernel_names(self) -> list[str]:
+        return [k.name for ks in self._kernels.values() for k in ks.values()]
 
-    mpath = os.path.join(path, MANIFEST)
-    try:
-        with open(mpath) as f:
-            m = json.load(f)
-    except FileNotFoundError:
-        raise _refuse(f"{mpath} not found (not a fag_tvm package)") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise _refuse(f"{mpath} unreadable: {e}") from None
-    if not isinstance(m, dict) or m.get("format") != _FORMAT:
-        raise _refuse(f"format {m.get('format') if isinstance(m, dict) else None!r} is not {_FORMAT!r}")
-    if m.get("fag_tvm_version") != __version__:
-        raise _refuse(f"built by fag_tvm {m.get('fag_tvm_version')}, this is fag_tvm {__version__}")
-    if m.get("tvm_version") != PINNED_TVM:
-        raise _refuse(f"built with TVM {m.get('tvm_version')}, this fag_tvm needs TVM {PINNED_TVM}")
-    if m.get("source_hash") != source_hash():
-        raise _refuse("kernel source hash differs from this fag_tvm's kernels (rebuild the package)")
-    missing = [f for f in m.get("cpu_flags_required", []) if f not in _tvm.cpu_flags()]
-    if missing:
-        raise _refuse(f"built for {m.get('target')}; this CPU lacks {missing}")
-    files = m.get("files", {})
-    for name in (m.get("library"), m.get("runtime_library")):
-        if name not in files:
-            raise _refuse(f"manifest lists no hash for {name!r}")
-    for name, digest in files.items():
-        p = os.path.join(path, name)
-        if not os.path.isfile(p):
-            raise _refuse(f"file {name} is missing")
-        if sha256_file(p) != digest:
-            raise _refuse(f"file {name} does not match its sha256 in the manifest (modified or truncated)")
-    return m
+    def _provider(self, target: str):
+        ks = self._kernels[target]
+
+        def provide(spec: KernelSpec) -> Kernel:
+            k = ks.get(spec)
+            if k is None:
+                raise invalid("package", f"unsupported: no kernel in {self.path} serves this call; missing "
+                              f"{spec.key(target)} (add the workload to the package; deploy mode never compiles)")
+            return k
+
+        return provide
+
+    def _target(self, kwargs: dict) -> str:
+        t = kwargs.pop("target", None) or self.targets[0]
+        if t not in self._kernels:
+            raise invalid("target", f"package {self.path} holds kernels for {list(self.targets)}, not {t!r}")
+        return t
+
+    def flash_attention_score_grad(self, query: Any, key: Any, value: Any, dy: Any, **kwargs: Any):
+        """As fag_tvm.flash_attention_score_grad, served by this package's kernels only."""
+        t = self._target(kwargs)
+        return flash_attention_score_grad(query, key, value, dy, target=t, _provider=self._provider(t), **kwargs)
+
+    def flash_attention_score(self, query: Any, key: Any, value: Any, **kwargs: Any):
+        """As fag_tvm.flash_attention_score, served by this package's kernels only."""
+        t = self._target(kwargs)
+        return flash_attention_score(query, key, value, target=t, _provider=self._provider(t), **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Package({self.path!r}, {len(self.kernel_names)} kernels, targets {list(self.targets)})"
 
 
 def load(path: str) -> Package:
     """Verify and load an AOT package; the TVM compiler is never imported."""
-    path = os.path.abspath(path)
-    m = verify(path)
+    path = os.path.abspath(str(path))
+    if not os.path.isdir(path):
+        raise refuse(f"{path} is not a folder")
+    v = verify(path, __version__, targets.get)
+    kernels: dict[str, dict[KernelSpec, Kernel]] = {}
     with _LOAD_LOCK:
-        _tvm.load_runtime(os.path.join(path, m["runtime_library"]))
-        try:
-            mod = _tvm.import_tvm_ffi().load_module(os.path.join(path, m["library"]))
-        except Exception as e:  # noqa: BLE001 - a corrupt library is a refused package, not a crash
-            raise _refuse(f"cannot load {m['library']}: {e}") from None
-    try:
-        return Package(path, m, mod)
-    except Exception as e:  # noqa: BLE001
-        raise _refuse(f"manifest entries do not match {m['library']}: {e}") from None
+        for a in v["artifacts"]:
+            t = a["target"]
+            try:
+                t.load_runtime(a["runtime_files"])
+                mod = t.load(a["library"])
+            except Exception as e:  # noqa: BLE001 - an unloadable library is a refused package, not a crash
+                raise refuse(f"cannot load {os.path.basename(a['library'])}: {e}") from None
+            ks = kernels.setdefault(t.name, {})
+            for e in a["kernels"]:
+                try:
+                    ks[e["spec"]] = t.kernel(mod, e["spec"], e["knobs"], a["hw"], a["library"])
+                except KeyError as exc:
+                    raise refuse(f"kernel {e['entry']} is not in {os.path.basename(a['library'])} ({exc})") from None
+    return Package(path, v["manifest"], kernels)

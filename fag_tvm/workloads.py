@@ -1,4 +1,5 @@
-"""Workloads (DESIGN): the JSON objects `compile`/`tune` take, the CPU suite S1–S9, and their configs.
+"""Workloads (DESIGN): the JSON objects `compile`/`tune`/`bench` take, the CPU suite S1–S9, their
+configs, FLOP counts and random call arguments (the one synthesiser tuning and benchmarks share).
 
 A workload is validated exactly like a call (through `config.validate` on zero-stride stand-in arrays),
 so a workload names the same kernels a real call with those shapes would need."""
@@ -32,6 +33,18 @@ SUITE: dict[str, dict[str, Any]] = {
         "S9": (1, 8, 8, 2048, 2048, 128, True, "bfloat16"),
     }.items()
 }
+
+
+PSE_SHAPES = {"BNSS": lambda B, N, Sq, Skv: (B, N, Sq, Skv), "1NSS": lambda B, N, Sq, Skv: (1, N, Sq, Skv),
+              "BN1S": lambda B, N, Sq, Skv: (B, N, 1, Skv), "BNHS": lambda B, N, Sq, Skv: (B, N, 1024, Skv),
+              "1NHS": lambda B, N, Sq, Skv: (1, N, 1024, Skv), "slopes_N": lambda B, N, Sq, Skv: (N,),
+              "slopes_BN": lambda B, N, Sq, Skv: (B, N)}
+
+
+def layout_shape(layout: str, B: int, S: int, N: int, d: int) -> tuple[int, ...]:
+    """Shape of a q-like tensor in a layout (TND: B sequences of length S packed)."""
+    return {"BSH": (B, S, N * d), "SBH": (S, B, N * d), "BSND": (B, S, N, d), "BNSD": (B, N, S, d),
+            "TND": (B * S, N, d)}.get(layout, (B, N, S, d))
 
 
 def _stand_in(shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -70,8 +83,7 @@ def configs(w: dict[str, Any]) -> tuple[OpConfig, OpConfig]:
     mode = int(w["sparse_mode"])
 
     def shp(S, N, d):
-        return {"BSH": (B, S, N * d), "SBH": (S, B, N * d), "BSND": (B, S, N, d), "BNSD": (B, N, S, d),
-                "TND": (B * S, N, d)}.get(L, (B, N, S, d))
+        return layout_shape(L, B, S, N, d)
 
     kw: dict[str, Any] = dict(head_num=N1, input_layout=L, sparse_mode=mode,
                               keep_prob=float(w.get("keep_prob", 1.0)), pse_type=int(w.get("pse_type", 1)))
@@ -89,12 +101,9 @@ def configs(w: dict[str, Any]) -> tuple[OpConfig, OpConfig]:
         kw["drop_mask"] = _stand_in(((B * N1 * Sq * Skv + 7) // 8,), np.uint8)
     pse = w.get("pse")
     if pse:
-        shapes = {"BNSS": (B, N1, Sq, Skv), "1NSS": (1, N1, Sq, Skv), "BN1S": (B, N1, 1, Skv),
-                  "BNHS": (B, N1, 1024, Skv), "1NHS": (1, N1, 1024, Skv), "slopes_N": (N1,),
-                  "slopes_BN": (B, N1)}
-        if pse not in shapes:
-            raise invalid("workload.pse", f"unknown pse shape name {pse!r}; one of {sorted(shapes)}")
-        kw["pse_shift"] = _stand_in(shapes[pse], np.float32 if pse.startswith("slopes") else dt)
+        if pse not in PSE_SHAPES:
+            raise invalid("workload.pse", f"unknown pse shape name {pse!r}; one of {sorted(PSE_SHAPES)}")
+        kw["pse_shift"] = _stand_in(PSE_SHAPES[pse](B, N1, Sq, Skv), np.float32 if pse.startswith("slopes") else dt)
     q, k, v = _stand_in(shp(Sq, N1, D), dt), _stand_in(shp(Skv, N2, D), dt), _stand_in(shp(Skv, N2, Dv), dt)
     dy = _stand_in(shp(Sq, N1, Dv), dt)
     fwd = validate("fwd", q, k, v, **kw)
@@ -104,7 +113,94 @@ def configs(w: dict[str, Any]) -> tuple[OpConfig, OpConfig]:
     return fwd, bwd
 
 
-def flops(w: dict[str, Any]) -> float:
-    """Backward FLOPs by DESIGN's convention: 2.5·4·B·N·Sq·Skv·D, halved for causal."""
+def flops(w: dict[str, Any], direction: str = "bwd") -> float:
+    """DESIGN's convention: backward 2.5·4·B·N·Sq·Skv·D, forward 2·2·B·N·Sq·Skv·D; halved for causal."""
     causal = int(w["sparse_mode"]) in (2, 3)
-    return 2.5 * 4 * w["B"] * w["N1"] * w["Sq"] * w["Skv"] * w["D"] * (0.5 if causal else 1.0)
+    per = 2.5 * 4 if direction == "bwd" else 4.0
+    return per * w["B"] * w["N1"] * w["Sq"] * w["Skv"] * w["D"] * (0.5 if causal else 1.0)
+
+
+def canonical_workload(w: dict[str, Any]) -> dict[str, Any]:
+    """The identity of a workload: required fields normalised, optional ones only when they matter."""
+    out = {k: w[k] for k in REQUIRED}
+    for k in ("B", "N1", "N2", "Sq", "Skv", "D", "Dv", "sparse_mode"):
+        out[k] = int(out[k])
+    out["dtype"] = DTYPE_ALIASES.get(str(out["dtype"]), str(out["dtype"]))
+    for k in ("pse", "keep_prob", "pse_type", "mask"):
+        if k in w and w[k] is not None:
+            out[k] = w[k]
+    if float(out.get("keep_prob", 1.0)) == 1.0:
+        out.pop("keep_prob", None)
+    return out
+
+
+def workload_id(w: dict[str, Any]) -> str:
+    """The suite id (S1..S9) of a workload with a suite shape, else a readable shape name."""
+    if w.get("id"):
+        return str(w["id"])
+    c = canonical_workload(w)
+    for sid, sw in SUITE.items():
+        if canonical_workload(sw) == c:
+            return sid
+    return (f"B{c['B']}_N{c['N1']}x{c['N2']}_S{c['Sq']}x{c['Skv']}_D{c['D']}x{c['Dv']}_{c['input_layout']}_"
+            f"{c['dtype']}_m{c['sparse_mode']}")
+
+
+def shape_key(w: Any) -> tuple[int, ...]:
+    """(B, N1, N2, Sq, Skv) of a workload dict or an OpConfig."""
+    if isinstance(w, dict):
+        return tuple(int(w[k]) for k in ("B", "N1", "N2", "Sq", "Skv"))
+    return tuple(int(getattr(w, k)) for k in ("B", "N1", "N2", "Sq", "Skv"))
+
+
+def call_args(w: dict[str, Any], seed: int = 0) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+    """(query, key, value, dy, keyword arguments) of a real call of workload `w` with random data (the
+    arrays of `random_call`, the scalars of `configs`), for benchmarks and examples."""
+    a = random_call(w, seed)
+    B, Sq, Skv = int(w["B"]), int(w["Sq"]), int(w["Skv"])
+    mode = int(w["sparse_mode"])
+    kw: dict[str, Any] = dict(head_num=int(w["N1"]), input_layout=w["input_layout"], sparse_mode=mode,
+                              keep_prob=float(w.get("keep_prob", 1.0)), pse_type=int(w.get("pse_type", 1)))
+    for name in ("atten_mask", "drop_mask", "pse_shift"):
+        if name in a:
+            kw[name] = a[name]
+    if w["input_layout"] == "TND":
+        kw.update(actual_seq_qlen=np.arange(1, B + 1) * Sq, actual_seq_kvlen=np.arange(1, B + 1) * Skv)
+    if mode in (5, 6):
+        kw["prefix"] = np.full(B, Skv, dtype=np.int64)
+    return a["query"], a["key"], a["value"], a["dy"], kw
+
+
+def random_call(w: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random call arrays of a workload (the shapes and masks of `configs`), well-conditioned: scores
+    ~ N(0, 1) with scale 1, finite stats; for tuning measurements and benchmarks."""
+    from .masks import compressed_causal_mask, compressed_prefix_mask
+
+    rng = np.random.default_rng(seed)
+    dt = NAME_TO_DTYPE[DTYPE_ALIASES[str(w["dtype"])]]
+    B, N1, N2, Sq, Skv, D, Dv = (int(w[k]) for k in ("B", "N1", "N2", "Sq", "Skv", "D", "Dv"))
+    L, mode = w["input_layout"], int(w["sparse_mode"])
+
+    def rnd(shape, s=1.0):
+        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(s)).astype(dt)
+
+    qs = D ** -0.25
+    a: dict[str, Any] = {"query": rnd(layout_shape(L, B, Sq, N1, D), qs), "key": rnd(layout_shape(L, B, Skv, N2, D), qs),
+                         "value": rnd(layout_shape(L, B, Skv, N2, Dv)), "dy": rnd(layout_shape(L, B, Sq, N1, Dv)),
+                         "attention_in": rnd(layout_shape(L, B, Sq, N1, Dv))}
+    st = (B * Sq, N1, 8) if L == "TND" else (B, N1, Sq, 8)
+    a["softmax_max"] = np.full(st, 3.0, dtype=np.float32)
+    a["softmax_sum"] = np.full(st, float(min(Skv, 64)), dtype=np.float32)
+    if mode in (2, 3, 4, 7, 8):
+        a["atten_mask"] = compressed_causal_mask()
+    elif mode == 6:
+        a["atten_mask"] = compressed_prefix_mask()
+    elif mode in (0, 1, 5) and w.get("mask", mode != 0):
+        a["atten_mask"] = np.zeros((B, 1, Sq, Skv) if mode == 5 else (Sq, Skv), np.bool_)
+    if float(w.get("keep_prob", 1.0)) < 1.0:
+        a["drop_mask"] = rng.integers(0, 256, ((B * N1 * Sq * Skv + 7) // 8,), dtype=np.uint8)
+    pse = w.get("pse")
+    if pse:
+        a["pse_shift"] = (rng.standard_normal(PSE_SHAPES[pse](B, N1, Sq, Skv), dtype=np.float32) * 0.1).astype(
+            np.float32 if pse.startswith("slopes") else dt)
+    return a

@@ -1,5 +1,3 @@
-"""Per-target schedule templates: the knobs (tile sizes, micro-kernel shape, ...) of the kernels in
-fag_tvm/kernels, their default heuristics, analytic pruning and the tuner's candidate space."""
-from . import llvm  # noqa: F401
-
-__all__ = ["llvm"]
+"""Per-target schedule templates (installed as fag_tvm.schedules): the knobs of each target's kernels,
+their default heuristics, analytic pruning, the tuner's candidate space and cost-model features.
+Modules are imported by their target (fag_tvm.targets.<name>), not here."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -87,12 +88,63 @@ def test_package_runs_in_fresh_process_without_compiler(package):
     assert max(r["errs"]) <= 1.0, r["errs"]
 
 
+def _lib(package) -> str:
+    m = json.load(open(os.path.join(package, "manifest.json")))
+    return os.path.join(package, m["artifacts"][0]["library"])
+
+
 def test_manifest_contents(package):
     m = json.load(open(os.path.join(package, "manifest.json")))
     assert m["tvm_version"] == "0.27.0.post1" and m["fag_tvm_version"] == fag_tvm.__version__
-    assert len(m["kernels"]) == 4 and all(k["entry"].startswith("fag_") for k in m["kernels"])
-    assert set(m["files"]) == {"kernels.so", "libtvm_runtime.so"}
-    assert m["target"]["mcpu"] != "native"
+    (a,) = m["artifacts"]
+    assert a["target"] == "llvm" and a["hw"]["mcpu"] != "native"
+    assert len(a["kernels"]) == 4 and all(k["entry"].startswith("fag_") for k in a["kernels"])
+    assert all(k["entry"].endswith("_" + a["hw"]["mcpu"].replace("-", "")) for k in a["kernels"])
+    assert set(m["files"]) == {a["library"], "libtvm_runtime.so"}
+    assert stat.S_IMODE(os.stat(package).st_mode) & 0o055, "packages are not private (0700)"
+
+
+def _edit_manifest(pkg, fn):
+    man = os.path.join(pkg, "manifest.json")
+    m = json.load(open(man))
+    fn(m)
+    json.dump(m, open(man, "w"))
+
+
+def _kernel0(m):
+    return m["artifacts"][0]["kernels"][0]
+
+
+MANIFEST_EDITS = {
+    "spec_d": lambda m: _kernel0(m)["spec"].update(d=_kernel0(m)["spec"]["d"] * 2),
+    "spec_dv": lambda m: _kernel0(m)["spec"].update(dv=1),
+    "spec_dtype": lambda m: _kernel0(m)["spec"].update(dtype="float16"),
+    "spec_type": lambda m: _kernel0(m)["spec"].update(d="32"),
+    "knobs": lambda m: _kernel0(m)["knobs"].update(block_q=_kernel0(m)["knobs"]["block_q"] * 2),
+    "hw_mcpu": lambda m: m["artifacts"][0]["hw"].update(mcpu="x86-64"),
+    "library_outside": lambda m: m["artifacts"][0].update(library="../" + m["artifacts"][0]["library"]),
+    "library_absolute": lambda m: m["artifacts"][0].update(library="/lib/x86_64-linux-gnu/libc.so.6"),
+    "files_outside": lambda m: m["files"].update({"../x.so": {"size": 1, "sha256": "0" * 64}}),
+    "no_files": lambda m: m.pop("files"),
+    "no_artifacts": lambda m: m.pop("artifacts"),
+    "no_hw": lambda m: m["artifacts"][0].pop("hw"),
+    "kernels_not_list": lambda m: m["artifacts"][0].update(kernels={"a": 1}),
+    "entry_missing_in_library": lambda m: _kernel0(m).update(entry=_kernel0(m)["entry"] + "x"),
+    "unknown_target": lambda m: m["artifacts"][0].update(target="nope"),
+    "other_tvm_version": lambda m: m.update(tvm_version="0.26.0"),
+    "other_source_hash": lambda m: m["artifacts"][0].update(source_hash="0" * 64),
+    "null_manifest": lambda m: m.clear(),
+}
+
+
+@pytest.mark.parametrize("how", sorted(MANIFEST_EDITS))
+def test_edited_manifest_refused(package, tmp_path, how):
+    """The loader trusts nothing it can derive: every edit is a FagError before any code runs."""
+    pkg = _copy(package, tmp_path)
+    _edit_manifest(pkg, MANIFEST_EDITS[how])
+    with pytest.raises(FagError) as e:
+        fag_tvm.runtime.load(pkg)
+    assert e.value.code == 161002 and "package" in str(e.value) or "target" in str(e.value), str(e.value)
 
 
 def test_missing_kernel_is_named(package):
@@ -111,26 +163,34 @@ def _tamper_byte(path):
         f.write(bytes([b[0] ^ 0xFF]))
 
 
-@pytest.mark.parametrize("how", ["modified_library", "truncated_library", "other_tvm_version",
-                                 "other_source_hash", "missing_runtime", "bad_manifest_json"])
+@pytest.mark.parametrize("how", ["modified_library", "truncated_library", "library_is_folder", "missing_runtime",
+                                 "bad_manifest_json", "binary_manifest", "manifest_is_folder", "manifest_list",
+                                 "no_manifest"])
 def test_tampered_package_refused(package, tmp_path, how):
     pkg = _copy(package, tmp_path)
-    lib = os.path.join(pkg, "kernels.so")
+    lib = _lib(pkg)
     man = os.path.join(pkg, "manifest.json")
     if how == "modified_library":
         _tamper_byte(lib)
     elif how == "truncated_library":
         with open(lib, "r+b") as f:
             f.truncate(os.path.getsize(lib) // 3)
-    elif how in ("other_tvm_version", "other_source_hash"):
-        m = json.load(open(man))
-        m["tvm_version" if how == "other_tvm_version" else "source_hash"] = "0.26.0" if how == "other_tvm_version" \
-            else "0" * 64
-        json.dump(m, open(man, "w"))
+    elif how == "library_is_folder":
+        os.unlink(lib)
+        os.mkdir(lib)
     elif how == "missing_runtime":
         os.unlink(os.path.join(pkg, "libtvm_runtime.so"))
-    else:
+    elif how == "bad_manifest_json":
         open(man, "w").write("{not json")
+    elif how == "binary_manifest":
+        open(man, "wb").write(bytes(range(256)))
+    elif how == "manifest_is_folder":
+        os.unlink(man)
+        os.mkdir(man)
+    elif how == "manifest_list":
+        open(man, "w").write("[1, 2]")
+    else:
+        os.unlink(man)
     with pytest.raises(FagError) as e:
         fag_tvm.runtime.load(pkg)
     assert e.value.code == 161002 and "package" in str(e.value)
@@ -182,9 +242,11 @@ def test_two_processes_compile_same_kernel(tmp_path):
                               text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
-    sos = [f for f in os.listdir(tmp_path / "cache") if f.endswith(".so")]
+    files = [str(p.relative_to(tmp_path / "cache")) for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    sos = [f for f in files if f.endswith(".so")]
     assert len(sos) == 2, sos  # forward (stats for A4) + backward, each compiled once
-    assert not [f for f in os.listdir(tmp_path / "cache") if f.endswith(".tmp")]
+    assert all(f.startswith("llvm/") for f in sos), sos
+    assert not [f for f in files if f.endswith(".tmp")], files
 
 
 def test_aclnn_seed_example():

@@ -1,6 +1,6 @@
-"""Kernel-level tests of the LLVM fwd/bwd kernels against the ABI (fag_tvm/kernels/ABI.md).
+"""Kernel-level tests of the LLVM fwd/bwd kernels against the ABI (fag_tvm/core/ABI.md).
 
-bmeta / iparams / fparams are built BY HAND here (independently of fag_tvm.kernels.abi) for BNSD, BSH
+bmeta / iparams / fparams are built BY HAND here (independently of fag_tvm.core.abi) for BNSD, BSH
 and TND-like layouts, and the results are compared with a tiny dense float64 NumPy implementation
 written in this file (independent of the kernels and of fag_tvm.reference). Inputs are random (never
 zero), rounded to the kernel dtype first; outputs and the workspace are pre-filled with NaN so an
@@ -17,10 +17,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from fag_tvm._tvm import aligned_empty, vector_lanes
-from fag_tvm.build import build_kernel
-from fag_tvm.kernels.bwd import bwd_workspace_floats
-from fag_tvm.kernels.spec import KernelSpec
+from fag_tvm import jit
+from fag_tvm.core.buffers import aligned_empty
+from fag_tvm.core.spec import KernelSpec
+from fag_tvm.targets.llvm import TARGET as LLVM
+from fag_tvm.targets.llvm.workspace import workspace_floats
 
 FLT_MAX = float(np.finfo(np.float32).max)
 I32MAX = 2147483647
@@ -387,12 +388,10 @@ def nan_out(n, dtype):
     return a
 
 
-def build(spec, target=None):
-    if target is None:
-        return build_kernel(spec)
-    from schedules.llvm import default_knobs
-
-    return build_kernel(spec, default_knobs(spec, vec=vector_lanes(target)), target=target)
+def build(spec, hw=None):
+    if hw is None:
+        return jit.kernel(LLVM, spec)
+    return jit.kernel(LLVM, spec, LLVM.default_knobs(spec, hw), hw=hw)
 
 
 def run_fwd(P: Problem, ins=None, target=None):
@@ -435,7 +434,7 @@ def run_bwd(P: Problem, O, M, L, dpse=False, dpse_sum_b=False, ins=None, target=
     if dpse:
         ins["dpse_acc"] = aligned_empty((P.pse_flat.size,), np.float32)
         ins["dpse_acc"][...] = 0
-    ins["ws"] = nan_out(bwd_workspace_floats(spec, P.rows()), np.float32)
+    ins["ws"] = nan_out(workspace_floats(spec, P.rows()), np.float32)
     kern(*[ins[n] for n in kern.param_names])
     res = {"dq": ins["dq"][:nq], "dk": ins["dk"][:nk], "dv": ins["dv"][:nv]}
     if dpse:
@@ -621,9 +620,11 @@ def test_low_precision(dtype):
     check_bwd(P, dpse=True)
 
 
-def test_avx2_fallback():
-    """The AVX2 target (8 fp32 lanes: vec=8 knobs) on the same math (runs on any AVX-512 machine too)."""
-    target = {"kind": "llvm", "mcpu": "haswell", "num-cores": 2}
+@pytest.mark.parametrize("mcpu", ["haswell", "x86-64"])
+def test_narrower_vector_fallbacks(mcpu):
+    """The AVX2 (8 fp32 lanes: vec=8 knobs) and generic x86-64 (vec=4) targets on the same math; both run on
+    any x86-64 machine, whatever width this one has."""
+    target = {"kind": "llvm", "mcpu": mcpu, "num-cores": 2}
     P = Problem(19, dtype="float16", N1=2, seqs=((2, 45, 37),), D=24, Dv=8, band=CAUSAL)
     check_fwd(P, target=target)
     check_bwd(P, target=target)
@@ -661,7 +662,7 @@ _THREAD_SCRIPT = textwrap.dedent("""
     print("HASH", h.hexdigest())
     # the parent process compiled these kernels: here they come from the disk cache, loaded through
     # tvm_ffi + libtvm_runtime only (the TVM compiler is never imported)
-    from fag_tvm.build import STATS
+    from fag_tvm.jit import STATS
     assert STATS["compiled"] == 0 and STATS["disk_hits"] == 2, STATS
     assert "tvm" not in sys.modules, "a cache hit must not import the TVM compiler"
 """)
@@ -670,8 +671,8 @@ _THREAD_SCRIPT = textwrap.dedent("""
 def test_determinism_threads():
     testdir = os.path.dirname(os.path.abspath(__file__))
     P = Problem(18, N1=4, N2=2, seqs=((2, 130, 130),), D=32, band=CAUSAL, pse="1NSS")
-    build_kernel(spec_of(P, "fwd"))  # compiled (and cached on disk) here, loaded there
-    build_kernel(spec_of(P, "bwd", dpse=True, dpse_sum_b=True))
+    build(spec_of(P, "fwd"))  # compiled (and cached on disk) here, loaded there
+    build(spec_of(P, "bwd", dpse=True, dpse_sum_b=True))
     hashes = []
     for nt in ("1", "2"):
         env = dict(os.environ, TVM_NUM_THREADS=nt)

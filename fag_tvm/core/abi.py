@@ -1,7 +1,8 @@
-"""OpConfig → kernel specialisation + runtime metadata (bmeta / iparams / fparams), per ABI.md.
+"""The host <-> kernel ABI of every target (ABI.md), TVM-free: the ONE definition of the metadata
+slots, the buffer list of a specialisation, and OpConfig -> (KernelSpec, bmeta / iparams / fparams).
 
 Every layout becomes flat buffers + per-batch offsets + strides, so one compiled kernel serves every
-layout and every B/Sq/Skv/T."""
+layout and every B/Sq/Skv/T. Kernel generators import the slot constants from here (never literals)."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,15 +10,48 @@ import numpy as np
 from ..config import ALIBI_ROWS, INT32_MAX, OpConfig
 from .spec import KernelSpec
 
-# bmeta columns
+# bmeta columns (int64 [B, BMETA_WIDTH])
 SQ, SKV, Q_OFF, K_OFF, V_OFF, O_OFF, ROW0, DROP0, PRE, NEXT, PREFIX, MASK_OFF, PSE_OFF, P_SN, P_SI = range(15)
 BMETA_WIDTH = 16
-# iparams slots
+# iparams slots (int64 [IPARAMS_LEN])
 (I_B, I_N2, I_Q_SN, I_Q_SS, I_K_SN, I_K_SS, I_V_SN, I_V_SS, I_O_SN, I_O_SS, I_M_SN, I_M_SI, _I12, _I13,
  I_TILE_SKIP, I_Q_START, I_KV_START, I_ALIBI_MODE, I_ALIBI_SQ, I_ALIBI_SKV, I_INVALID_ROWS, I_TOTAL_ROWS,
  I_MAX_SQ, I_MAX_SKV) = range(24)
 IPARAMS_LEN = 32
+# fparams slots (float32 [FPARAMS_LEN])
+F_SCALE, F_KEEP, F_RKEEP = range(3)
 FPARAMS_LEN = 4
+STATS_LANES = 8  # softmax_max / softmax_sum hold 8 equal floats per row (SPEC §7)
+PAD = 16  # head dims are padded to a multiple of this inside tiles and workspaces
+
+# the ABI buffers in call order (ABI.md "Buffers"); optional ones exist only when the spec enables them
+BWD_PARAMS = ("q", "k", "v", "dy", "o", "smax", "ssum", "pse", "atten_mask", "drop_mask", "bmeta", "iparams",
+              "fparams", "dq", "dk", "dv", "dpse_acc", "ws")
+FWD_PARAMS = ("q", "k", "v", "pse", "atten_mask", "drop_mask", "bmeta", "iparams", "fparams", "o", "smax", "ssum")
+
+
+def pad16(x: int) -> int:
+    """x rounded up to a multiple of PAD."""
+    return (x + PAD - 1) // PAD * PAD
+
+
+def param_names(spec: KernelSpec) -> list[str]:
+    """ABI argument names of this specialisation, in call order (disabled optional buffers dropped)."""
+    skip = set()
+    if spec.pse == "none":
+        skip.add("pse")
+    if not spec.full_mask:
+        skip.add("atten_mask")
+    if not spec.dropout:
+        skip.add("drop_mask")
+    if not spec.dpse:
+        skip.add("dpse_acc")
+    return [p for p in (BWD_PARAMS if spec.direction == "bwd" else FWD_PARAMS) if p not in skip]
+
+
+def total_rows(cfg: OpConfig) -> int:
+    """Number of softmax-stat rows of a call (T*N1 for TND, B*Sq*N1 otherwise)."""
+    return (cfg.T if cfg.tnd else cfg.B * cfg.Sq) * cfg.N1
 
 _PSE_KIND = {"BNSS": "ext", "1NSS": "ext", "BN1S": "ext", "TND_BNSS": "ext", "TND_BN1S": "ext",
              "BNHS": "alibi_c", "1NHS": "alibi_c", "slopes_N": "slopes", "slopes_BN": "slopes"}
@@ -84,9 +118,10 @@ def runtime_params(cfg: OpConfig, atten_mask: np.ndarray | None, pse: np.ndarray
         ip[I_ALIBI_MODE] = 1 if cfg.tnd else 0
         ip[I_ALIBI_SQ], ip[I_ALIBI_SKV] = cfg.Sq, pse.shape[-1]
     ip[I_INVALID_ROWS] = 1 if cfg.invalid_rows else 0
-    ip[I_TOTAL_ROWS] = (cfg.T if cfg.tnd else B * cfg.Sq) * N1
+    ip[I_TOTAL_ROWS] = total_rows(cfg)
     ip[I_MAX_SQ], ip[I_MAX_SKV] = cfg.Sq, cfg.Skv
-    fp = np.array([cfg.scale, cfg.keep_prob, 1.0 / cfg.keep_prob, 0.0], dtype=np.float32)
+    fp = np.zeros(FPARAMS_LEN, dtype=np.float32)
+    fp[F_SCALE], fp[F_KEEP], fp[F_RKEEP] = cfg.scale, cfg.keep_prob, 1.0 / cfg.keep_prob
     return bmeta, ip, fp
 
 

@@ -1,18 +1,15 @@
-"""Compile-time specialisation of one kernel (ABI.md "Compile-time specialisation").
+"""Compile-time specialisation of one kernel (ABI.md "Compile-time specialisation"); TVM-free.
 
 Everything else (shapes, B/Sq/Skv/T, layout strides, scale, keep_prob, tokens, prefix, alibi
 offsets, TILE_SKIP, INVALID_ROWS) is a runtime argument, so one compiled kernel serves many calls.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 DIRECTIONS = ("fwd", "bwd")
 DTYPES = ("float32", "float16", "bfloat16")
 PSE_KINDS = ("none", "ext", "alibi_c", "slopes", "slopes_sqrt")
-BWD_PARAMS = ("q", "k", "v", "dy", "o", "smax", "ssum", "pse", "atten_mask", "drop_mask", "bmeta", "iparams",
-              "fparams", "dq", "dk", "dv", "dpse_acc", "ws")
-FWD_PARAMS = ("q", "k", "v", "pse", "atten_mask", "drop_mask", "bmeta", "iparams", "fparams", "o", "smax", "ssum")
 _SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 _PSE_SHORT = {"ext": "ext", "alibi_c": "alibic", "slopes": "slopes", "slopes_sqrt": "slopessqrt"}
 
@@ -49,6 +46,22 @@ class KernelSpec:
             raise ValueError("KernelSpec.dpse needs direction='bwd' and pse='ext'")
         if self.dpse_sum_b and not self.dpse:
             raise ValueError("KernelSpec.dpse_sum_b needs dpse")
+
+    @classmethod
+    def from_dict(cls, d: object) -> "KernelSpec":
+        """A spec from JSON (manifests, records), with every field's type checked (ValueError if bad)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"kernel spec must be a JSON object, got {type(d).__name__}")
+        names = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(d) - set(names))
+        missing = sorted(n for n in ("direction", "dtype", "d", "dv") if n not in d)
+        if unknown or missing:
+            raise ValueError(f"kernel spec: unknown fields {unknown}, missing {missing}")
+        for k, v in d.items():
+            want = {"str": str, "int": int, "bool": bool}[str(names[k].type)]
+            if type(v) is not want:  # noqa: E721 - bool is not an int here
+                raise ValueError(f"kernel spec field {k}={v!r} is not a {want.__name__}")
+        return cls(**d)
 
     @property
     def dtype_short(self) -> str:
@@ -90,55 +103,3 @@ class KernelSpec:
         if knobs is not None:
             parts.append(knobs.tag())
         return "_".join(parts).replace("-", "")
-
-
-# ---- the argument signature and workspace of a specialisation (TVM-free: the runtime loader needs it) ----
-
-BWD_PARAMS = ("q", "k", "v", "dy", "o", "smax", "ssum", "pse", "atten_mask", "drop_mask", "bmeta", "iparams",
-              "fparams", "dq", "dk", "dv", "dpse_acc", "ws")
-FWD_PARAMS = ("q", "k", "v", "pse", "atten_mask", "drop_mask", "bmeta", "iparams", "fparams", "o", "smax", "ssum")
-
-
-def param_names(spec: KernelSpec) -> list[str]:
-    """ABI argument names of this specialisation, in call order (optional buffers dropped)."""
-    skip = set()
-    if spec.pse == "none":
-        skip.add("pse")
-    if not spec.full_mask:
-        skip.add("atten_mask")
-    if not spec.dropout:
-        skip.add("drop_mask")
-    if not spec.dpse:
-        skip.add("dpse_acc")
-    return [p for p in (BWD_PARAMS if spec.direction == "bwd" else FWD_PARAMS) if p not in skip]
-
-
-def pad16(x: int) -> int:
-    return (x + 15) // 16 * 16
-
-
-def bwd_workspace_floats(spec: KernelSpec, total_rows: int) -> int:
-    """fp32 elements of `ws` for `total_rows` stats rows: Di (padded to 16) + dq_acc[rows, pad16(D)]."""
-    return pad16(total_rows) + total_rows * pad16(spec.d)
-
-
-def param_names(spec: KernelSpec) -> list[str]:
-    """The ABI argument list (names, in order) of a specialisation (ABI.md "Buffers")."""
-    skip = set()
-    if spec.pse == "none":
-        skip.add("pse")
-    if not spec.full_mask:
-        skip.add("atten_mask")
-    if not spec.dropout:
-        skip.add("drop_mask")
-    if not spec.dpse:
-        skip.add("dpse_acc")
-    names = BWD_PARAMS if spec.direction == "bwd" else FWD_PARAMS
-    return [p for p in names if p not in skip]
-
-
-def bwd_workspace_floats(spec: KernelSpec, total_rows: int) -> int:
-    """fp32 elements of the backward's `ws` for `total_rows` stats rows (ABI.md "ws"):
-    Di (rows padded to 16) + the fp32 dq accumulator [rows, D padded to 16]."""
-    pad = lambda x: (x + 15) // 16 * 16  # noqa: E731
-    return pad(total_rows) + total_rows * pad(spec.d)
