@@ -107,6 +107,74 @@ def alibi_compressed_index(cfg: OpConfig, i: np.ndarray, j: np.ndarray, W: int) 
     return m, c
 
 
+# ------------------------------------------------------------------ non-finite inputs, saturation
+
+def _nonfinite(x: np.ndarray) -> bool:
+    x = np.asarray(x)
+    return bool(x.size) and not bool(np.all(np.isfinite(x.astype(np.float64, copy=False))))
+
+
+def pse_block(cfg: OpConfig, pse: np.ndarray | None, b: int, n: int) -> np.ndarray | None:
+    """The pse block query head n of sequence b reads (its [Sq_b, Skv_b] rows, the broadcast row of BN1S
+    forms, the whole [1024, W] compressed block, or its slope): the pse part of a task's inputs."""
+    if pse is None or cfg.pse_form == "none":
+        return None
+    f, bi = cfg.pse_form, cfg.batches[b]
+    flat = pse.reshape(-1)
+    if f in ("BNSS", "BN1S", "BNHS"):
+        return pse[b, n]
+    if f in ("1NSS", "1NHS"):
+        return pse[0, n]
+    if f == "TND_BNSS":
+        base = cfg.N1 * sum(x.sq * x.skv for x in cfg.batches[:b]) + n * bi.sq * bi.skv
+        return flat[base:base + bi.sq * bi.skv]
+    if f == "TND_BN1S":
+        base = cfg.N1 * bi.kv_row0 + n * bi.skv
+        return flat[base:base + bi.skv]
+    return pse[n] if f == "slopes_N" else pse[b, n]
+
+
+def poisoned_tasks(cfg: OpConfig, a: dict[str, Any], backward: bool) -> set[tuple[int, int]]:
+    """Tasks whose inputs hold a NaN or ±Inf (SPEC decision "non-finite inputs"): every output element of
+    such a task is NaN, on every target.
+
+    backward: task (b, n2) reads, for its query heads n = n2·G .. n2·G+G-1 in sequence b, the rows of q, dy
+    and attention_in, lane 0 of softmax_max / softmax_sum of those rows, the rows of k and v of KV head
+    n2, and the pse block of each head; it owns dq of those rows, dk/dv of those KV rows and dpse of
+    those pse blocks. forward: task (b, n) reads the q rows of head n, the k/v rows of KV head n//G and
+    the pse block of head n; it owns the o rows and the stats of head n."""
+    out = set()
+    pse = a.get("pse_shift")
+    for b, bi in enumerate(cfg.batches):
+        q = heads_of(a["query"], cfg, b, False)
+        k = heads_of(a["key"], cfg, b, True)
+        v = heads_of(a["value"], cfg, b, True)
+        kv_bad = [_nonfinite(k[n2]) or _nonfinite(v[n2]) for n2 in range(cfg.N2)]
+        if backward:
+            dy = heads_of(a["dy"], cfg, b, False)
+            o = heads_of(a["attention_in"], cfg, b, False)
+            r0 = stats_row0(cfg, b)
+            m = a["softmax_max"].reshape(-1, 8)[:, 0]
+            s_ = a["softmax_sum"].reshape(-1, 8)[:, 0]
+        for n in range(cfg.N1):
+            bad = kv_bad[n // cfg.G] or _nonfinite(q[n])
+            blk = pse_block(cfg, pse, b, n)
+            bad = bad or (blk is not None and _nonfinite(blk))
+            if backward:
+                rows = slice(r0 + n * bi.sq, r0 + (n + 1) * bi.sq)
+                bad = bad or _nonfinite(dy[n]) or _nonfinite(o[n]) or _nonfinite(m[rows]) or _nonfinite(s_[rows])
+            if bad:
+                out.add((b, n // cfg.G) if backward else (b, n))
+    return out
+
+
+def _clip(x: np.ndarray, dtype) -> np.ndarray:
+    """Saturate to the finite range of `dtype` (NaN kept): finite inputs never give inf (SPEC A10)."""
+    hi = float(np.finfo(np.float32).max) if np.dtype(dtype) == np.float32 else \
+        65504.0 if np.dtype(dtype) == np.float16 else 3.3895313892515355e38
+    return np.clip(x, -hi, hi)
+
+
 # ------------------------------------------------------------------------------------------- core
 
 def _scores(cfg: OpConfig, q: np.ndarray, k: np.ndarray, pse: np.ndarray | None,
@@ -119,7 +187,7 @@ def _scores(cfg: OpConfig, q: np.ndarray, k: np.ndarray, pse: np.ndarray | None,
         S = cfg.scale * (A + pse)
     else:
         S = cfg.scale * A + pse
-    return np.where(masked, -FLT_MAX, S)
+    return np.where(masked, -FLT_MAX, np.clip(S, -FLT_MAX, FLT_MAX))
 
 
 def _head_chunks(cfg: OpConfig, b: int):
@@ -145,7 +213,14 @@ def _keep(cfg: OpConfig, drop_mask, b: int, heads: slice) -> np.ndarray | None:
 
 
 def forward_arrays(cfg: OpConfig, a: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Forward on validated NumPy inputs; returns attention_out (input dtype) and fp32 stats [...,8]."""
+    """Forward on validated NumPy inputs; returns attention_out (input dtype) and fp32 stats [...,8].
+    Non-finite inputs give NaN in their tasks' outputs (poisoned_tasks); NumPy's warnings about the
+    arithmetic on them are silenced, the results are overwritten."""
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        return _forward(cfg, a)
+
+
+def _forward(cfg: OpConfig, a: dict[str, Any]) -> dict[str, np.ndarray]:
     dt = a["query"].dtype
     out = np.zeros(_dy_shape(cfg, a), dtype=np.float64)
     rows = (cfg.T if cfg.tnd else cfg.B * cfg.Sq) * cfg.N1
@@ -183,9 +258,14 @@ def forward_arrays(cfg: OpConfig, a: dict[str, Any]) -> dict[str, np.ndarray]:
             o_b[h] = P @ _kv_for(v, cfg, h)
             smax[rs] = m.reshape(n * bi.sq)
             ssum[rs] = l.reshape(n * bi.sq)
+    for b, n in poisoned_tasks(cfg, a, backward=False):
+        bi = cfg.batches[b]
+        heads_of(out, cfg, b, False)[n] = np.nan
+        rs = slice(stats_row0(cfg, b) + n * bi.sq, stats_row0(cfg, b) + (n + 1) * bi.sq)
+        smax[rs] = ssum[rs] = np.nan
     stat_shape = (cfg.T, cfg.N1, 8) if cfg.tnd else (cfg.B, cfg.N1, cfg.Sq, 8)
     return {
-        "attention_out": out.astype(dt),
+        "attention_out": _clip(out, dt).astype(dt),
         "softmax_max": np.repeat(smax.astype(np.float32)[:, None], 8, axis=1).reshape(stat_shape),
         "softmax_sum": np.repeat(ssum.astype(np.float32)[:, None], 8, axis=1).reshape(stat_shape),
         "attention_out_f64": out,
@@ -202,7 +282,13 @@ def _dy_shape(cfg: OpConfig, a: dict[str, Any]) -> tuple[int, ...]:
 
 
 def backward_arrays(cfg: OpConfig, a: dict[str, Any]) -> dict[str, np.ndarray | None]:
-    """Backward on validated NumPy inputs with supplied stats; dq/dk/dv in input dtype, dpse or None."""
+    """Backward on validated NumPy inputs with supplied stats; dq/dk/dv in input dtype, dpse or None.
+    Non-finite inputs give NaN in their tasks' outputs (poisoned_tasks)."""
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        return _backward(cfg, a)
+
+
+def _backward(cfg: OpConfig, a: dict[str, Any]) -> dict[str, np.ndarray | None]:
     dt = a["query"].dtype
     dq = np.zeros(a["query"].shape, dtype=np.float64)
     dk = np.zeros(a["key"].shape, dtype=np.float64)
@@ -230,8 +316,7 @@ def backward_arrays(cfg: OpConfig, a: dict[str, Any]) -> dict[str, np.ndarray | 
             masked = masked_all[h] if masked_all.shape[0] > 1 else masked_all
             kk, vv = _kv_for(k, cfg, h), _kv_for(v, cfg, h)
             S = _scores(cfg, q[h], kk, pse_dense(cfg, pse, b, h), masked)
-            with np.errstate(over="ignore"):  # overflow needs a supplied max below a score (invalid rows: zeroed)
-                P = np.exp(S - m) / l
+            P = np.exp(S - m) / l  # overflow needs a supplied max below a score (invalid rows: zeroed)
             P = np.where((m == -FLT_MAX) & (l == FLT_MAX), 0.0, P)  # invalid rows contribute exactly 0 (A5)
             dP = dy[h] @ vv.transpose(0, 2, 1)
             keep = _keep(cfg, a.get("drop_mask"), b, h)
@@ -251,9 +336,16 @@ def backward_arrays(cfg: OpConfig, a: dict[str, Any]) -> dict[str, np.ndarray | 
                 dv_b[kvh] += dV[t]
             if dpse is not None:
                 _accumulate_dpse(cfg, dpse, b, h, dS * (cfg.scale if cfg.pse_type == 1 else 1.0))
+    for b, n2 in poisoned_tasks(cfg, a, backward=True):
+        heads_of(dk, cfg, b, True)[n2] = np.nan
+        heads_of(dv, cfg, b, True)[n2] = np.nan
+        for n in range(n2 * cfg.G, (n2 + 1) * cfg.G):
+            heads_of(dq, cfg, b, False)[n] = np.nan
+            if dpse is not None:
+                pse_block(cfg, dpse, b, n)[...] = np.nan
     return {
-        "dq": dq.astype(dt), "dk": dk.astype(dt), "dv": dv.astype(dt),
-        "dpse": None if dpse is None else dpse.astype(pse.dtype),
+        "dq": _clip(dq, dt).astype(dt), "dk": _clip(dk, dt).astype(dt), "dv": _clip(dv, dt).astype(dt),
+        "dpse": None if dpse is None else _clip(dpse, pse.dtype).astype(pse.dtype),
         "dq_f64": dq, "dk_f64": dk, "dv_f64": dv, "dpse_f64": dpse,
     }
 

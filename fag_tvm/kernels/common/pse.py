@@ -3,7 +3,7 @@ and alibi generated from slopes (with q_start_idx / kv_start_idx)."""
 from __future__ import annotations
 
 from ...config import ALIBI_ROWS
-from .tir import T
+from .tir import T, ns
 
 
 def pse_value(c, gi, gj):
@@ -36,3 +36,15 @@ def pse_value(c, gi, gj):
 def slope_of(spec, pse, idx):
     """The alibi slope of a head (0 for kernels without slopes)."""
     return pse[idx] if spec.pse in ("slopes", "slopes_sqrt") else T.float32(0)
+
+
+def pse_region(spec, md, n):
+    """ns(base, stride, rows, width) of the pse block query head n of batch md.b reads: its [Sq_b, Skv_b]
+    rows (one broadcast row for BN1S forms), the [1024, W] compressed block, or its one slope. The
+    non-finite scan (poison) and the dpse poison fill cover exactly this block."""
+    base = md.pse_off + n * md.p_sn
+    if spec.pse == "ext":
+        return ns(base=base, stride=md.p_si, rows=T.Select(md.p_si == 0, T.int64(1), md.sq), width=md.skv)
+    if spec.pse == "alibi_c":
+        return ns(base=base, stride=md.p_si, rows=T.int64(ALIBI_ROWS), width=md.alibi_skv)
+    return ns(base=base, stride=T.int64(0), rows=T.int64(1), width=T.int64(1))

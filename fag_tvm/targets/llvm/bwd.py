@@ -13,6 +13,10 @@ spec.dpse_sum_b, so dpse accumulation over b is deterministic). Per task:
               write dK (x scale) / dV rows of the block (cast)
   postprocess dq = cast(scale * dq_acc)
 
+Before all that the task scans its inputs (q/dy/o rows of its heads, their stats, k/v rows, their pse
+block): if one is NaN or ±Inf, the task writes NaN to every output it owns instead (poison, SPEC
+decision); with finite inputs every intermediate saturates instead of overflowing (kernels/common/finite).
+
 Scratch is O(tile) per thread; ws holds Di and the fp32 dq accumulator (O(rows * D)).
 """
 from __future__ import annotations
@@ -24,7 +28,8 @@ from ...kernels.common import mask as cmask
 from ...kernels.common import softmax as csoft
 from ...kernels.common.context import batch_prologue, head_context
 from ...kernels.common.dtype import DType
-from ...kernels.common.pse import slope_of
+from ...kernels.common.finite import nan32, nonfinite, sat, sat_keep_nan
+from ...kernels.common.pse import pse_region, slope_of
 from ...kernels.common.score import score_expr
 from ...kernels.common.tir import FLT_MAX, T, ns
 from . import microkernels as M
@@ -63,25 +68,25 @@ def make_bwd(spec: KernelSpec, knobs, name: str = "fag_bwd"):
         @T.macro
         def cell(c, t, i, j):
             t.St[i, j] = score_expr(c, t.St[i, j], t.i0 + i, t.j0 + j, check_band)
-            t.Pt[i, j] = csoft.fexp(t.St[i, j] - t.rm[i]) * t.rr[i]
+            t.Pt[i, j] = sat(csoft.fexp(t.St[i, j] - t.rm[i]) * t.rr[i])
             if DROP:
                 t.Mk[j] = cdrop.drop_keep_factor(c, t.i0 + i, t.j0 + j)
-                t.dPt[i, j] = t.Pt[i, j] * (t.dPt[i, j] * t.Mk[j] - t.rd[i])
+                t.dPt[i, j] = sat(t.Pt[i, j] * sat(sat(t.dPt[i, j]) * t.Mk[j] - t.rd[i]))
             else:
-                t.dPt[i, j] = t.Pt[i, j] * (t.dPt[i, j] - t.rd[i])
+                t.dPt[i, j] = sat(t.Pt[i, j] * sat(sat(t.dPt[i, j]) - t.rd[i]))
             if DPSE:
                 if DPSE_MUL_SCALE:
-                    c.dpse[c.pse_head + (t.i0 + i) * c.p_si + t.j0 + j] = \
-                        c.dpse[c.pse_head + (t.i0 + i) * c.p_si + t.j0 + j] + t.dPt[i, j] * c.scale
+                    c.dpse[c.pse_head + (t.i0 + i) * c.p_si + t.j0 + j] = sat_keep_nan(
+                        c.dpse[c.pse_head + (t.i0 + i) * c.p_si + t.j0 + j] + t.dPt[i, j] * c.scale)
                 else:
-                    c.dpse[c.pse_head + (t.i0 + i) * c.p_si + t.j0 + j] = \
-                        c.dpse[c.pse_head + (t.i0 + i) * c.p_si + t.j0 + j] + t.dPt[i, j]
+                    c.dpse[c.pse_head + (t.i0 + i) * c.p_si + t.j0 + j] = sat_keep_nan(
+                        c.dpse[c.pse_head + (t.i0 + i) * c.p_si + t.j0 + j] + t.dPt[i, j])
             if LOWP:
-                t.dPt[i, j] = dt.rnd(t.dPt[i, j])
+                t.dPt[i, j] = dt.rnd_sat(t.dPt[i, j])
             if DROP:
-                t.Pt[i, j] = t.Pt[i, j] * t.Mk[j]
+                t.Pt[i, j] = sat(t.Pt[i, j] * t.Mk[j])
             if LOWP:
-                t.Pt[i, j] = dt.rnd(t.Pt[i, j])
+                t.Pt[i, j] = dt.rnd_sat(t.Pt[i, j])
 
         return cell
 
@@ -108,19 +113,19 @@ def make_bwd(spec: KernelSpec, knobs, name: str = "fag_bwd"):
 
     @T.macro
     def dqout_body(a, c):
-        a.dq[a.obase + c] = dt.st(a.ws[a.base + c] * a.scale)
+        a.dq[a.obase + c] = dt.st_sat(a.ws[a.base + c] * a.scale)
 
     dqout_cols = M.make_cols(D, VEC, dqout_body)
 
     @T.macro
     def dkout_body(a, c):
-        a.dk[a.obase + c] = dt.st(a.acc[a.j, c] * a.scale)
+        a.dk[a.obase + c] = dt.st_sat(a.acc[a.j, c] * a.scale)
 
     dkout_cols = M.make_cols(D, VEC, dkout_body)
 
     @T.macro
     def dvout_body(a, c):
-        a.dv[a.obase + c] = dt.st(a.acc[a.j, c])
+        a.dv[a.obase + c] = dt.st_sat(a.acc[a.j, c])
 
     dvout_cols = M.make_cols(DV, VEC, dvout_body)
 
@@ -130,6 +135,40 @@ def make_bwd(spec: KernelSpec, knobs, name: str = "fag_bwd"):
 
     zero_dk_cols = M.make_cols(DP, VEC, zero_tile_body)
     zero_dv_cols = M.make_cols(DVP, VEC, zero_tile_body)
+
+    # ---- poison: scan the task's inputs, or fill its outputs with NaN --------------------------------
+    scan_d = M.make_scan_rows(D, VEC, dt)
+    scan_dv = M.make_scan_rows(DV, VEC, dt)
+    scan_pse = M.make_scan_rows_dyn(VEC, DType("float32") if spec.pse in ("slopes", "slopes_sqrt") else dt)
+    fill_d = M.make_fill_rows(D, VEC)
+    fill_dv = M.make_fill_rows(DV, VEC)
+
+    @T.macro
+    def scan_inputs(gb, md, n2, acc):
+        for v in T.vectorized(VEC):
+            acc[v] = T.float32(0)
+        for g in range(G):
+            scan_d(acc, gb.q, md.q_off + (n2 * G + g) * md.q_sn, md.q_ss, md.sq)
+            scan_dv(acc, gb.dy, md.o_off + (n2 * G + g) * md.o_sn, md.o_ss, md.sq)
+            scan_dv(acc, gb.o, md.o_off + (n2 * G + g) * md.o_sn, md.o_ss, md.sq)
+            for i in range(md.sq):
+                acc[0] = acc[0] + nonfinite(gb.smax[(md.row0 + (n2 * G + g) * md.sq + i) * STATS_LANES]) \
+                    + nonfinite(gb.ssum[(md.row0 + (n2 * G + g) * md.sq + i) * STATS_LANES])
+            if spec.pse != "none":
+                scan_pse(acc, gb.pse, pse_region(spec, md, n2 * G + g).base, pse_region(spec, md, n2 * G + g).stride,
+                         pse_region(spec, md, n2 * G + g).rows, pse_region(spec, md, n2 * G + g).width)
+        scan_d(acc, gb.k, md.k_off + n2 * md.k_sn, md.k_ss, md.skv)
+        scan_dv(acc, gb.v, md.v_off + n2 * md.v_sn, md.v_ss, md.skv)
+
+    @T.macro
+    def poison_outputs(gb, md, n2):
+        for g in range(G):
+            fill_d(gb.dq, md.q_off + (n2 * G + g) * md.q_sn, md.q_ss, md.sq, dt.st(nan32()))
+            if DPSE:
+                M.fill_rows_dyn(gb.dpse, pse_region(spec, md, n2 * G + g).base, pse_region(spec, md, n2 * G + g).stride,
+                                pse_region(spec, md, n2 * G + g).rows, pse_region(spec, md, n2 * G + g).width, nan32())
+        fill_d(gb.dk, md.k_off + n2 * md.k_sn, md.k_ss, md.skv, dt.st(nan32()))
+        fill_dv(gb.dv, md.v_off + n2 * md.v_sn, md.v_ss, md.skv, dt.st(nan32()))
 
     # ---- one task --------------------------------------------------------------------------------
     @T.macro
@@ -158,78 +197,86 @@ def make_bwd(spec: KernelSpec, knobs, name: str = "fag_bwd"):
         red = T.decl_buffer((VEC,), "float32")
         sc = T.decl_buffer((1,), "float32")  # a mutable scalar (global scope -> stack -> register)
 
-        # ---- preprocess: Di and dq_acc := 0 for the rows of this task
-        for g in range(G):
-            for i in range(sq):
-                for v in T.vectorized(VEC):
-                    red[v] = T.float32(0)
-                for cc in range(DV // VEC):
-                    for v in T.vectorized(VEC):
-                        red[v] = red[v] + dt.ld(gb.dy, md.o_off + (n2 * G + g) * md.o_sn + i * md.o_ss + cc * VEC + v) \
-                            * dt.ld(gb.o, md.o_off + (n2 * G + g) * md.o_sn + i * md.o_ss + cc * VEC + v)
-                sc[0] = T.float32(0)
-                for v in range(VEC):
-                    sc[0] = sc[0] + red[v]
-                for c in range(DV % VEC):
-                    sc[0] = sc[0] + dt.ld(gb.dy, md.o_off + (n2 * G + g) * md.o_sn + i * md.o_ss + (DV - DV % VEC) + c) \
-                        * dt.ld(gb.o, md.o_off + (n2 * G + g) * md.o_sn + i * md.o_ss + (DV - DV % VEC) + c)
-                gb.ws[md.row0 + (n2 * G + g) * sq + i] = sc[0]
-                zero_dq_cols(ns(ws=gb.ws, base=dq0 + (md.row0 + (n2 * G + g) * sq + i) * DP))
-
-        # ---- main loop over KV blocks
-        for jb in range(nkb):
-            j0: T.let = jb * BKV
-            nj: T.let = T.Cast("int32", T.min(md.skv - j0, T.int64(BKV)))
-            pack_kt(KT, gb.k, md.k_off + n2 * md.k_sn + j0 * md.k_ss, md.k_ss, nj)
-            pack_vt(VT, gb.v, md.v_off + n2 * md.v_sn + j0 * md.v_ss, md.v_ss, nj)
-            pack_k(Kp, gb.k, md.k_off + n2 * md.k_sn + j0 * md.k_ss, md.k_ss, nj)
-            for r in range(BKV):
-                zero_dk_cols(ns(t=dKa, r=r))
-                zero_dv_cols(ns(t=dVa, r=r))
-            # q blocks that can see this KV block (band rule, analytic)
-            skip_q: T.let = cmask.skip_tiles(spec.band, md.tile_skip, j0, md.prefix)
-            ib_lo: T.let = cmask.q_block_lo(j0, md.nxt, BQ, skip_q)
-            ib_hi: T.let = cmask.q_block_hi(j0, nj, sq, nqb, BQ, md.pre, md.nxt, skip_q)
+        # ---- poison: a non-finite input anywhere in the task -> NaN in every output it owns
+        scan_inputs(gb, md, n2, red)
+        sc[0] = T.float32(0)
+        for v in range(VEC):
+            sc[0] = sc[0] + red[v]
+        if sc[0] > T.float32(0):
+            poison_outputs(gb, md, n2)
+        else:
+            # ---- preprocess: Di and dq_acc := 0 for the rows of this task
             for g in range(G):
-                n: T.let = n2 * G + g
-                rowbase: T.let = md.row0 + n * sq
-                slope: T.let = slope_of(spec, gb.pse, md.pse_off + n * md.p_sn)
-                for ib in range(ib_lo, ib_hi):
-                    i0: T.let = ib * BQ
-                    ni: T.let = T.Cast("int32", T.min(sq - i0, T.int64(BQ)))
-                    pack_q(Qt, gb.q, md.q_off + n * md.q_sn + i0 * md.q_ss, md.q_ss, ni)
-                    pack_dy(dYt, gb.dy, md.o_off + n * md.o_sn + i0 * md.o_ss, md.o_ss, ni)
-                    for i in range(BQ):
-                        if i < ni:
-                            rm[i] = csoft.row_max_for_p(gb.smax[(rowbase + i0 + i) * STATS_LANES],
-                                                        gb.ssum[(rowbase + i0 + i) * STATS_LANES])
-                            rr[i] = csoft.row_rsum_for_p(gb.smax[(rowbase + i0 + i) * STATS_LANES],
-                                                         gb.ssum[(rowbase + i0 + i) * STATS_LANES])
-                            rd[i] = gb.ws[rowbase + i0 + i]
-                        else:
-                            rm[i] = T.float32(FLT_MAX)
-                            rr[i] = T.float32(0)
-                            rd[i] = T.float32(0)
-                    gemm_s(St, Qt, KT)
-                    gemm_dp(dPt, dYt, VT)
-                    tile_cells(head_context(spec, dt, gb, md, n, slope),
-                               ns(St=St, Pt=Pt, dPt=dPt, Mk=Mk, rm=rm, rr=rr, rd=rd, i0=i0, j0=j0, ni=ni, nj=nj))
-                    gemm_dv(dVa, Pt, dYt)
-                    gemm_dk(dKa, dPt, Qt)
-                    gemm_dq(dQt, dPt, Kp)
-                    for i in range(ni):
-                        dqadd_cols(ns(ws=gb.ws, dQt=dQt, i=i, base=dq0 + (rowbase + i0 + i) * DP))
-            for j in range(nj):
-                dkout_cols(ns(dk=gb.dk, acc=dKa, j=j, scale=md.scale,
-                              obase=md.k_off + n2 * md.k_sn + (j0 + j) * md.k_ss))
-                dvout_cols(ns(dv=gb.dv, acc=dVa, j=j, obase=md.v_off + n2 * md.v_sn + (j0 + j) * md.v_ss))
+                for i in range(sq):
+                    for v in T.vectorized(VEC):
+                        red[v] = T.float32(0)
+                    for cc in range(DV // VEC):
+                        for v in T.vectorized(VEC):
+                            red[v] = red[v] + dt.ld(gb.dy, md.o_off + (n2 * G + g) * md.o_sn + i * md.o_ss + cc * VEC + v) \
+                                * dt.ld(gb.o, md.o_off + (n2 * G + g) * md.o_sn + i * md.o_ss + cc * VEC + v)
+                    sc[0] = T.float32(0)
+                    for v in range(VEC):
+                        sc[0] = sc[0] + red[v]
+                    for c in range(DV % VEC):
+                        sc[0] = sc[0] + dt.ld(gb.dy, md.o_off + (n2 * G + g) * md.o_sn + i * md.o_ss + (DV - DV % VEC) + c) \
+                            * dt.ld(gb.o, md.o_off + (n2 * G + g) * md.o_sn + i * md.o_ss + (DV - DV % VEC) + c)
+                    gb.ws[md.row0 + (n2 * G + g) * sq + i] = sat(sc[0])
+                    zero_dq_cols(ns(ws=gb.ws, base=dq0 + (md.row0 + (n2 * G + g) * sq + i) * DP))
 
-        # ---- postprocess: dq = cast(scale * dq_acc)
-        for g in range(G):
-            for i in range(sq):
-                dqout_cols(ns(dq=gb.dq, ws=gb.ws, scale=md.scale,
-                              base=dq0 + (md.row0 + (n2 * G + g) * sq + i) * DP,
-                              obase=md.q_off + (n2 * G + g) * md.q_sn + i * md.q_ss))
+            # ---- main loop over KV blocks
+            for jb in range(nkb):
+                j0: T.let = jb * BKV
+                nj: T.let = T.Cast("int32", T.min(md.skv - j0, T.int64(BKV)))
+                pack_kt(KT, gb.k, md.k_off + n2 * md.k_sn + j0 * md.k_ss, md.k_ss, nj)
+                pack_vt(VT, gb.v, md.v_off + n2 * md.v_sn + j0 * md.v_ss, md.v_ss, nj)
+                pack_k(Kp, gb.k, md.k_off + n2 * md.k_sn + j0 * md.k_ss, md.k_ss, nj)
+                for r in range(BKV):
+                    zero_dk_cols(ns(t=dKa, r=r))
+                    zero_dv_cols(ns(t=dVa, r=r))
+                # q blocks that can see this KV block (band rule, analytic)
+                skip_q: T.let = cmask.skip_tiles(spec.band, md.tile_skip, j0, md.prefix)
+                ib_lo: T.let = cmask.q_block_lo(j0, md.nxt, BQ, skip_q)
+                ib_hi: T.let = cmask.q_block_hi(j0, nj, sq, nqb, BQ, md.pre, md.nxt, skip_q)
+                for g in range(G):
+                    n: T.let = n2 * G + g
+                    rowbase: T.let = md.row0 + n * sq
+                    slope: T.let = slope_of(spec, gb.pse, md.pse_off + n * md.p_sn)
+                    for ib in range(ib_lo, ib_hi):
+                        i0: T.let = ib * BQ
+                        ni: T.let = T.Cast("int32", T.min(sq - i0, T.int64(BQ)))
+                        pack_q(Qt, gb.q, md.q_off + n * md.q_sn + i0 * md.q_ss, md.q_ss, ni)
+                        pack_dy(dYt, gb.dy, md.o_off + n * md.o_sn + i0 * md.o_ss, md.o_ss, ni)
+                        for i in range(BQ):
+                            if i < ni:
+                                rm[i] = csoft.row_max_for_p(gb.smax[(rowbase + i0 + i) * STATS_LANES],
+                                                            gb.ssum[(rowbase + i0 + i) * STATS_LANES])
+                                rr[i] = sat(csoft.row_rsum_for_p(gb.smax[(rowbase + i0 + i) * STATS_LANES],
+                                                                 gb.ssum[(rowbase + i0 + i) * STATS_LANES]))
+                                rd[i] = gb.ws[rowbase + i0 + i]
+                            else:
+                                rm[i] = T.float32(FLT_MAX)
+                                rr[i] = T.float32(0)
+                                rd[i] = T.float32(0)
+                        gemm_s(St, Qt, KT)
+                        gemm_dp(dPt, dYt, VT)
+                        tile_cells(head_context(spec, dt, gb, md, n, slope),
+                                   ns(St=St, Pt=Pt, dPt=dPt, Mk=Mk, rm=rm, rr=rr, rd=rd, i0=i0, j0=j0, ni=ni, nj=nj))
+                        gemm_dv(dVa, Pt, dYt)
+                        gemm_dk(dKa, dPt, Qt)
+                        gemm_dq(dQt, dPt, Kp)
+                        for i in range(ni):
+                            dqadd_cols(ns(ws=gb.ws, dQt=dQt, i=i, base=dq0 + (rowbase + i0 + i) * DP))
+                for j in range(nj):
+                    dkout_cols(ns(dk=gb.dk, acc=dKa, j=j, scale=md.scale,
+                                  obase=md.k_off + n2 * md.k_sn + (j0 + j) * md.k_ss))
+                    dvout_cols(ns(dv=gb.dv, acc=dVa, j=j, obase=md.v_off + n2 * md.v_sn + (j0 + j) * md.v_ss))
+
+            # ---- postprocess: dq = cast(scale * dq_acc)
+            for g in range(G):
+                for i in range(sq):
+                    dqout_cols(ns(dq=gb.dq, ws=gb.ws, scale=md.scale,
+                                  base=dq0 + (md.row0 + (n2 * G + g) * sq + i) * DP,
+                                  obase=md.q_off + (n2 * G + g) * md.q_sn + i * md.q_ss))
 
     @T.prim_func
     def fag_bwd(q_h: T.handle, k_h: T.handle, v_h: T.handle, dy_h: T.handle, o_h: T.handle,

@@ -6,6 +6,8 @@ KV block that intersects the band (TILE_SKIP=1): pack K^T, V; S = Q K^T (micro-k
 pse, masks, dropout factor); per row: new max, alpha = exp(m_old - m_new), P = exp(S - m_new), l, O *= alpha;
 P' = P * drop / keep rounded to dtype; O += P' V (micro-kernel). Finally o = O / l, smax = m, ssum = l
 (8 lanes); with INVALID_ROWS=1 a row whose max stayed -FLT_MAX gets o = 0, (-FLT_MAX, +FLT_MAX).
+A task whose inputs (q rows, k/v rows, pse block) hold a NaN or ±Inf writes NaN to its o rows and stats
+instead (poison); with finite inputs scores and outputs saturate (kernels/common/finite).
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from ...kernels.common import mask as cmask
 from ...kernels.common import softmax as csoft
 from ...kernels.common.context import batch_prologue, head_context
 from ...kernels.common.dtype import DType
-from ...kernels.common.pse import slope_of
+from ...kernels.common.finite import nan32, nonfinite
+from ...kernels.common.pse import pse_region, slope_of
 from ...kernels.common.score import score_expr
 from ...kernels.common.tir import FLT_MAX, T, ns
 from . import microkernels as M
@@ -80,9 +83,33 @@ def make_fwd(spec: KernelSpec, knobs, name: str = "fag_fwd"):
 
     @T.macro
     def oout_body(a, c):
-        a.o[a.obase + c] = dt.st(a.O[a.i, c] * a.rl)
+        a.o[a.obase + c] = dt.st_sat(a.O[a.i, c] * a.rl)
 
     oout_cols = M.make_cols(DV, VEC, oout_body)
+
+    # ---- poison: scan the task's inputs (q rows, k/v rows, pse block), or fill its outputs with NaN
+    scan_d = M.make_scan_rows(D, VEC, dt)
+    scan_dv = M.make_scan_rows(DV, VEC, dt)
+    scan_pse = M.make_scan_rows_dyn(VEC, DType("float32") if spec.pse in ("slopes", "slopes_sqrt") else dt)
+    fill_dv = M.make_fill_rows(DV, VEC)
+
+    @T.macro
+    def scan_inputs(gb, md, n, acc):
+        for v in T.vectorized(VEC):
+            acc[v] = T.float32(0)
+        scan_d(acc, gb.q, md.q_off + n * md.q_sn, md.q_ss, md.sq)
+        scan_d(acc, gb.k, md.k_off + (n // G) * md.k_sn, md.k_ss, md.skv)
+        scan_dv(acc, gb.v, md.v_off + (n // G) * md.v_sn, md.v_ss, md.skv)
+        if spec.pse != "none":
+            scan_pse(acc, gb.pse, pse_region(spec, md, n).base, pse_region(spec, md, n).stride,
+                     pse_region(spec, md, n).rows, pse_region(spec, md, n).width)
+
+    @T.macro
+    def poison_outputs(gb, md, n):
+        fill_dv(gb.o, md.o_off + n * md.o_sn, md.o_ss, md.sq, dt.st(nan32()))
+        for r in range(md.sq * STATS_LANES):
+            gb.smax[(md.row0 + n * md.sq) * STATS_LANES + r] = nan32()
+            gb.ssum[(md.row0 + n * md.sq) * STATS_LANES + r] = nan32()
 
     @T.macro
     def task(gb, md, n):
@@ -103,66 +130,73 @@ def make_fwd(spec: KernelSpec, knobs, name: str = "fag_fwd"):
         red = T.decl_buffer((VEC,), "float32")
         sc = T.decl_buffer((2,), "float32")  # mutable scalars (global scope -> stack -> registers)
 
-        for ib in range(nqb):
-            i0: T.let = ib * BQ
-            ni: T.let = T.Cast("int32", T.min(md.sq - i0, T.int64(BQ)))
-            pack_q(Qt, gb.q, md.q_off + n * md.q_sn + i0 * md.q_ss, md.q_ss, ni)
-            for i in range(BQ):
-                mrow[i] = T.float32(-FLT_MAX)
-                lrow[i] = T.float32(0)
-                ozero_cols(ns(O=Oa, i=i))
-            for jb in range(nkb):
-                j0: T.let = jb * BKV
-                nj: T.let = T.Cast("int32", T.min(md.skv - j0, T.int64(BKV)))
-                if tile_visible(md.tile_skip, i0, i0 + ni, j0, j0 + nj, md.pre, md.nxt, md.prefix):
-                    pack_kt(KT, gb.k, md.k_off + n2 * md.k_sn + j0 * md.k_ss, md.k_ss, nj)
-                    pack_v(Vt, gb.v, md.v_off + n2 * md.v_sn + j0 * md.v_ss, md.v_ss, nj)
-                    gemm_s(St, Qt, KT)
-                    tile_cells(head_context(spec, dt, gb, md, n, slope),
-                               ns(St=St, Dk=Dk, i0=i0, j0=j0, ni=ni, nj=nj))
-                    # online softmax update, row by row
-                    for i in range(BQ):
-                        for v in T.vectorized(VEC):
-                            red[v] = St[i, v]
-                        for jc in range(1, NCH):
+        scan_inputs(gb, md, n, red)
+        sc[0] = T.float32(0)
+        for v in range(VEC):
+            sc[0] = sc[0] + red[v]
+        if sc[0] > T.float32(0):
+            poison_outputs(gb, md, n)
+        else:
+            for ib in range(nqb):
+                i0: T.let = ib * BQ
+                ni: T.let = T.Cast("int32", T.min(md.sq - i0, T.int64(BQ)))
+                pack_q(Qt, gb.q, md.q_off + n * md.q_sn + i0 * md.q_ss, md.q_ss, ni)
+                for i in range(BQ):
+                    mrow[i] = T.float32(-FLT_MAX)
+                    lrow[i] = T.float32(0)
+                    ozero_cols(ns(O=Oa, i=i))
+                for jb in range(nkb):
+                    j0: T.let = jb * BKV
+                    nj: T.let = T.Cast("int32", T.min(md.skv - j0, T.int64(BKV)))
+                    if tile_visible(md.tile_skip, i0, i0 + ni, j0, j0 + nj, md.pre, md.nxt, md.prefix):
+                        pack_kt(KT, gb.k, md.k_off + n2 * md.k_sn + j0 * md.k_ss, md.k_ss, nj)
+                        pack_v(Vt, gb.v, md.v_off + n2 * md.v_sn + j0 * md.v_ss, md.v_ss, nj)
+                        gemm_s(St, Qt, KT)
+                        tile_cells(head_context(spec, dt, gb, md, n, slope),
+                                   ns(St=St, Dk=Dk, i0=i0, j0=j0, ni=ni, nj=nj))
+                        # online softmax update, row by row
+                        for i in range(BQ):
                             for v in T.vectorized(VEC):
-                                red[v] = T.max(red[v], St[i, jc * VEC + v])
-                        sc[0] = mrow[i]
-                        for v in range(VEC):
-                            sc[0] = T.max(sc[0], red[v])
-                        mx: T.let = sc[0]
-                        alpha: T.let = csoft.fexp(mrow[i] - mx)
-                        for v in T.vectorized(VEC):
-                            red[v] = T.float32(0)
-                        for jc in range(NCH):
+                                red[v] = St[i, v]
+                            for jc in range(1, NCH):
+                                for v in T.vectorized(VEC):
+                                    red[v] = T.max(red[v], St[i, jc * VEC + v])
+                            sc[0] = mrow[i]
+                            for v in range(VEC):
+                                sc[0] = T.max(sc[0], red[v])
+                            mx: T.let = sc[0]
+                            alpha: T.let = csoft.fexp(mrow[i] - mx)
                             for v in T.vectorized(VEC):
-                                St[i, jc * VEC + v] = csoft.fexp(St[i, jc * VEC + v] - mx)
-                                red[v] = red[v] + St[i, jc * VEC + v]
-                                if DROP:
-                                    St[i, jc * VEC + v] = St[i, jc * VEC + v] * Dk[i, jc * VEC + v]
-                                if LOWP:
-                                    St[i, jc * VEC + v] = dt.rnd(St[i, jc * VEC + v])
-                        sc[1] = T.float32(0)
-                        for v in range(VEC):
-                            sc[1] = sc[1] + red[v]
-                        lrow[i] = lrow[i] * alpha + sc[1]
-                        mrow[i] = mx
-                        oscale_cols(ns(O=Oa, i=i, alpha=alpha))
-                    gemm_o(Oa, St, Vt)
-            # finalize the rows of this q block
-            for i in range(ni):
-                if T.And(md.invalid_rows != 0, mrow[i] == T.float32(-FLT_MAX)):
-                    oout_cols(ns(o=gb.o, O=Oa, i=i, rl=T.float32(0), obase=md.o_off + n * md.o_sn + (i0 + i) * md.o_ss))
-                    for lane in range(STATS_LANES):
-                        gb.smax[(rowbase + i0 + i) * STATS_LANES + lane] = T.float32(-FLT_MAX)
-                        gb.ssum[(rowbase + i0 + i) * STATS_LANES + lane] = T.float32(FLT_MAX)
-                else:
-                    oout_cols(ns(o=gb.o, O=Oa, i=i,
-                                 rl=T.Select(lrow[i] > T.float32(0), T.float32(1) / lrow[i], T.float32(0)),
-                                 obase=md.o_off + n * md.o_sn + (i0 + i) * md.o_ss))
-                    for lane in range(STATS_LANES):
-                        gb.smax[(rowbase + i0 + i) * STATS_LANES + lane] = mrow[i]
-                        gb.ssum[(rowbase + i0 + i) * STATS_LANES + lane] = lrow[i]
+                                red[v] = T.float32(0)
+                            for jc in range(NCH):
+                                for v in T.vectorized(VEC):
+                                    St[i, jc * VEC + v] = csoft.fexp(St[i, jc * VEC + v] - mx)
+                                    red[v] = red[v] + St[i, jc * VEC + v]
+                                    if DROP:
+                                        St[i, jc * VEC + v] = St[i, jc * VEC + v] * Dk[i, jc * VEC + v]
+                                    if LOWP:
+                                        St[i, jc * VEC + v] = dt.rnd(St[i, jc * VEC + v])
+                            sc[1] = T.float32(0)
+                            for v in range(VEC):
+                                sc[1] = sc[1] + red[v]
+                            lrow[i] = lrow[i] * alpha + sc[1]
+                            mrow[i] = mx
+                            oscale_cols(ns(O=Oa, i=i, alpha=alpha))
+                        gemm_o(Oa, St, Vt)
+                # finalize the rows of this q block
+                for i in range(ni):
+                    if T.And(md.invalid_rows != 0, mrow[i] == T.float32(-FLT_MAX)):
+                        oout_cols(ns(o=gb.o, O=Oa, i=i, rl=T.float32(0), obase=md.o_off + n * md.o_sn + (i0 + i) * md.o_ss))
+                        for lane in range(STATS_LANES):
+                            gb.smax[(rowbase + i0 + i) * STATS_LANES + lane] = T.float32(-FLT_MAX)
+                            gb.ssum[(rowbase + i0 + i) * STATS_LANES + lane] = T.float32(FLT_MAX)
+                    else:
+                        oout_cols(ns(o=gb.o, O=Oa, i=i,
+                                     rl=T.Select(lrow[i] > T.float32(0), T.float32(1) / lrow[i], T.float32(0)),
+                                     obase=md.o_off + n * md.o_sn + (i0 + i) * md.o_ss))
+                        for lane in range(STATS_LANES):
+                            gb.smax[(rowbase + i0 + i) * STATS_LANES + lane] = mrow[i]
+                            gb.ssum[(rowbase + i0 + i) * STATS_LANES + lane] = lrow[i]
 
     @T.prim_func
     def fag_fwd(q_h: T.handle, k_h: T.handle, v_h: T.handle, pse_h: T.handle, mask_h: T.handle,

@@ -12,6 +12,7 @@ tile passes (hand-written TVMScript macros generated from Python closures).
 from __future__ import annotations
 
 from ...kernels.common.dtype import DType
+from ...kernels.common.finite import nonfinite
 from ...kernels.common.mask import band_all_visible
 from ...kernels.common.tir import T, ns, tirx
 
@@ -172,6 +173,65 @@ def make_pack_rows_t(R: int, W: int, vec: int, dt: DType):
                 zero_cols(ns(dst=dst, r=r))
 
     return pack
+
+
+def make_scan_rows(W: int, vec: int, dt: DType):
+    """acc[0:vec] += count of non-finite values in rows [0, nrows) x cols [0, W) of src (rows at
+    base + r*stride); W compile-time (a head dim)."""
+    nfull, tail = W // vec, W % vec
+
+    @T.macro
+    def scan(acc, src, base, stride, nrows):
+        for r in range(nrows):
+            if nfull > 0:
+                for cc in range(nfull):
+                    for v in T.vectorized(vec):
+                        acc[v] = acc[v] + nonfinite(dt.ld(src, base + r * stride + cc * vec + v))
+            if tail > 0:
+                for v in range(tail):
+                    acc[v] = acc[v] + nonfinite(dt.ld(src, base + r * stride + nfull * vec + v))
+
+    return scan
+
+
+def make_scan_rows_dyn(vec: int, dt: DType):
+    """As make_scan_rows with a runtime width (pse rows of Skv_b columns)."""
+
+    @T.macro
+    def scan(acc, src, base, stride, nrows, width):
+        for r in range(nrows):
+            for cc in range(width // vec):
+                for v in T.vectorized(vec):
+                    acc[v] = acc[v] + nonfinite(dt.ld(src, base + r * stride + cc * vec + v))
+            for c in range(width // vec * vec, width):
+                acc[0] = acc[0] + nonfinite(dt.ld(src, base + r * stride + c))
+
+    return scan
+
+
+def make_fill_rows(W: int, vec: int):
+    """dst[base + r*stride + c] = value for r < nrows, c < W (W compile-time)."""
+
+    @T.macro
+    def body(a, c):
+        a.dst[a.base + a.r * a.stride + c] = a.value
+
+    cols = make_cols(W, vec, body)
+
+    @T.macro
+    def fill(dst, base, stride, nrows, value):
+        for r in range(nrows):
+            cols(ns(dst=dst, base=base, stride=stride, r=r, value=value))
+
+    return fill
+
+
+@T.macro
+def fill_rows_dyn(dst, base, stride, nrows, width, value):
+    """dst[base + r*stride + c] = value for r < nrows, c < width (runtime width)."""
+    for r in range(nrows):
+        for c in range(width):
+            dst[base + r * stride + c] = value
 
 
 def make_masked_tile(cells_full, cells_part, band: bool):
