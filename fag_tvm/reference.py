@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import ALIBI_ROWS, FLT_MAX, OpConfig, validate
+from .config import ALIBI_ROWS, FLT_MAX, OpConfig, check_output_memory, validate
 from .dropout import unpack_bits
 from .masks import dense_masked
 
@@ -304,6 +304,7 @@ def exact(query: Any, key: Any, value: Any, dy: Any, **kwargs: Any) -> dict[str,
     a = _collect(query, key, value, dy, kw)
     arrays = {k: a.get(k) for k in _ARRAY_ARGS if k not in ("softmax_max", "softmax_sum", "attention_in")}
     fcfg = validate("fwd", a["query"], a["key"], a["value"], **arrays, **kwargs)
+    check_output_memory(fcfg, forward=True, backward=True)
     f = forward_arrays(fcfg, a)
     a = dict(a, softmax_max=f["softmax_max_f64"], softmax_sum=f["softmax_sum_f64"],
              attention_in=f["attention_out_f64"])
