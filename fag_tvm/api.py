@@ -1,13 +1,15 @@
 """Public entry points: validate → dispatch by target → outputs in the caller's array kind (SPEC A9)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
 from .arrays import output_converter, to_numpy
-from .config import INT32_MAX, OpConfig, validate
+from .config import INT32_MAX, OpConfig, check_output_memory, validate
+from .errors import invalid
 
 
 class GradResult(NamedTuple):
@@ -61,6 +63,16 @@ def _backend(target: str, provider=None) -> _Backend:
     return _Backend(partial(mod.forward_arrays, provider=provider), partial(mod.backward_arrays, provider=provider))
 
 
+@contextmanager
+def _out_of_memory_is_fag_error() -> Iterator[None]:
+    """A MemoryError while computing (working buffers beyond what the output check counts) → 161002."""
+    try:
+        yield
+    except MemoryError as exc:
+        raise invalid("query", f"not enough memory for this call ({exc or 'MemoryError'}); use smaller inputs") \
+            from None
+
+
 def flash_attention_score_grad(
     query: Any, key: Any, value: Any, dy: Any, *, head_num: int, input_layout: str,
     pse_shift: Any = None, drop_mask: Any = None, padding_mask: Any = None, atten_mask: Any = None,
@@ -85,16 +97,20 @@ def flash_attention_score_grad(
                    **{k: a.get(k) for k in _ARRAY_ARGS}, **scalars)
     conv = output_converter(query)
     if cfg.empty:
+        pse = a.get("pse_shift")
+        dpse = np.zeros(pse.shape, pse.dtype) if cfg.dpse_computed else None
         return GradResult(conv(np.empty_like(a["query"])), conv(np.empty_like(a["key"])),
-                          conv(np.empty_like(a["value"])), None)
+                          conv(np.empty_like(a["value"])), conv(dpse))
+    check_output_memory(cfg, forward=not cfg.stats_given, backward=True)
     backend = _backend(cfg.target, _provider)
-    if not cfg.stats_given:
-        fcfg = validate("fwd", a["query"], a["key"], a["value"], **{k: a.get(k) for k in _ARRAY_ARGS
-                                                                     if k not in ("softmax_max", "softmax_sum",
-                                                                                  "attention_in")}, **scalars)
-        f = backend.forward_arrays(fcfg, a)
-        a = dict(a, softmax_max=f["softmax_max"], softmax_sum=f["softmax_sum"], attention_in=f["attention_out"])
-    g = backend.backward_arrays(cfg, a)
+    with _out_of_memory_is_fag_error():
+        if not cfg.stats_given:
+            fcfg = validate("fwd", a["query"], a["key"], a["value"], **{k: a.get(k) for k in _ARRAY_ARGS
+                                                                         if k not in ("softmax_max", "softmax_sum",
+                                                                                      "attention_in")}, **scalars)
+            f = backend.forward_arrays(fcfg, a)
+            a = dict(a, softmax_max=f["softmax_max"], softmax_sum=f["softmax_sum"], attention_in=f["attention_out"])
+        g = backend.backward_arrays(cfg, a)
     return GradResult(conv(g["dq"]), conv(g["dk"]), conv(g["dv"]), conv(g["dpse"]))
 
 
@@ -117,11 +133,12 @@ def flash_attention_score(
                    deterministic=deterministic, target=target)
     conv = output_converter(query)
     empty_out = np.empty((0,), dtype=a["query"].dtype)
-    if cfg.empty:
-        q = a["query"]
-        return ForwardResult(conv(np.empty((0,), np.float32)), conv(np.empty((0,), np.float32)), conv(empty_out),
-                             conv(np.empty_like(q)))
-    f = _backend(cfg.target, _provider).forward_arrays(cfg, a)
+    check_output_memory(cfg, forward=True, backward=False)
+    with _out_of_memory_is_fag_error():
+        # An all-empty call (no kernel can run) still has well-defined stats: usually empty, but with D == 0
+        # and rows present they are those of all-zero scores, which the float64 reference computes exactly.
+        backend = _backend("reference") if cfg.empty else _backend(cfg.target, _provider)
+        f = backend.forward_arrays(cfg, a)
     return ForwardResult(conv(f["softmax_max"]), conv(f["softmax_sum"]), conv(empty_out), conv(f["attention_out"]))
 
 
