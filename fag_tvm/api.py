@@ -3,13 +3,16 @@ array kind (SPEC A9). Compiled targets get their kernels from the JIT cache unle
 package) supplies a kernel provider."""
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
 from . import targets
 from .arrays import output_converter, to_numpy
-from .config import INT32_MAX, OpConfig, validate
+from .config import INT32_MAX, OpConfig, check_output_memory, validate
+from .errors import invalid
 
 
 class GradResult(NamedTuple):
@@ -70,6 +73,16 @@ def run_backward(cfg: OpConfig, a: dict[str, Any], provider=None) -> dict[str, A
     return t.backward_arrays(cfg, a, kernels_for(t, provider))
 
 
+@contextmanager
+def _out_of_memory_is_fag_error() -> Iterator[None]:
+    """A MemoryError while computing (working buffers beyond what the output check counts) → 161002."""
+    try:
+        yield
+    except MemoryError as exc:
+        raise invalid("query", f"not enough memory for this call ({exc or 'MemoryError'}); use smaller inputs") \
+            from None
+
+
 def flash_attention_score_grad(
     query: Any, key: Any, value: Any, dy: Any, *, head_num: int, input_layout: str,
     pse_shift: Any = None, drop_mask: Any = None, padding_mask: Any = None, atten_mask: Any = None,
@@ -95,15 +108,19 @@ def flash_attention_score_grad(
                    **{k: a.get(k) for k in ARRAY_ARGS}, **scalars)
     conv = output_converter(query)
     if cfg.empty:
+        pse = a.get("pse_shift")
+        dpse = np.zeros(pse.shape, pse.dtype) if cfg.dpse_computed else None
         return GradResult(conv(np.empty_like(a["query"])), conv(np.empty_like(a["key"])),
-                          conv(np.empty_like(a["value"])), None)
-    if not cfg.stats_given:
-        fcfg = validate("fwd", a["query"], a["key"], a["value"], **{k: a.get(k) for k in ARRAY_ARGS
-                                                                     if k not in ("softmax_max", "softmax_sum",
-                                                                                  "attention_in")}, **scalars)
-        f = run_forward(fcfg, a, _provider)
-        a = dict(a, softmax_max=f["softmax_max"], softmax_sum=f["softmax_sum"], attention_in=f["attention_out"])
-    g = run_backward(cfg, a, _provider)
+                          conv(np.empty_like(a["value"])), conv(dpse))
+    check_output_memory(cfg, forward=not cfg.stats_given, backward=True)
+    with _out_of_memory_is_fag_error():
+        if not cfg.stats_given:
+            fcfg = validate("fwd", a["query"], a["key"], a["value"], **{k: a.get(k) for k in ARRAY_ARGS
+                                                                         if k not in ("softmax_max", "softmax_sum",
+                                                                                      "attention_in")}, **scalars)
+            f = run_forward(fcfg, a, _provider)
+            a = dict(a, softmax_max=f["softmax_max"], softmax_sum=f["softmax_sum"], attention_in=f["attention_out"])
+        g = run_backward(cfg, a, _provider)
     return GradResult(conv(g["dq"]), conv(g["dk"]), conv(g["dv"]), conv(g["dpse"]))
 
 
@@ -127,11 +144,11 @@ def flash_attention_score(
                    deterministic=deterministic, target=target)
     conv = output_converter(query)
     empty_out = np.empty((0,), dtype=a["query"].dtype)
-    if cfg.empty:
-        q = a["query"]
-        return ForwardResult(conv(np.empty((0,), np.float32)), conv(np.empty((0,), np.float32)), conv(empty_out),
-                             conv(np.empty_like(q)))
-    f = run_forward(cfg, a, _provider)
+    check_output_memory(cfg, forward=True, backward=False)
+    with _out_of_memory_is_fag_error():
+        # An all-empty call (no kernel can run) still has well-defined stats: usually empty, but with D == 0
+        # and rows present they are those of all-zero scores, which the float64 reference computes exactly.
+        f = run_forward(replace(cfg, target="reference") if cfg.empty else cfg, a, _provider)
     return ForwardResult(conv(f["softmax_max"]), conv(f["softmax_sum"]), conv(empty_out), conv(f["attention_out"]))
 
 

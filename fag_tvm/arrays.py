@@ -10,18 +10,24 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16", BF16: "bfloat16"}
 NAME_TO_DTYPE = {v: k for k, v in DTYPE_NAMES.items()}
 SHORT_NAMES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+MASKED_ARRAY_RULE = "masked arrays (numpy.ma) are not supported; pass .filled(...) or .data"
 
 
 def _is_torch(x: Any) -> bool:
-    return type(x).__module__.startswith("torch")
+    return str(getattr(type(x), "__module__", "") or "").startswith("torch")
 
 
 def to_numpy(x: Any, param: str) -> np.ndarray | None:
-    """Return a NumPy view/copy of `x` (None stays None). Raises FagError for unknown objects."""
+    """Return a NumPy view/copy of `x` (None stays None). Raises FagError for unknown objects.
+
+    Masked arrays are refused: the kernels would read the raw data while NumPy semantics would honour the
+    mask, so no target could give the answer the caller means."""
     from .errors import invalid
 
     if x is None:
         return None
+    if isinstance(x, np.ma.MaskedArray):
+        raise invalid(param, MASKED_ARRAY_RULE)
     if isinstance(x, np.ndarray):
         return x
     if _is_torch(x):

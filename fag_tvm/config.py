@@ -12,15 +12,23 @@ from typing import Any
 
 import numpy as np
 
-from .arrays import DTYPE_NAMES
+from .arrays import DTYPE_NAMES, MASKED_ARRAY_RULE
 from .errors import invalid, nullptr, unsupported
 
 INT32_MAX = 2147483647
+INT32_MIN = -2147483648
 FLT_MAX = float(np.finfo(np.float32).max)
+FLT_MIN = float(np.finfo(np.float32).tiny)  # 2**-126, the smallest normal fp32
 LAYOUTS = ("BSH", "SBH", "BSND", "BNSD", "TND")
 MAX_B, MAX_B_PREFIX, MAX_N, MAX_S, MAX_D = 2 * 1024 * 1024, 2048, 256, 1024 * 1024, 768
 MAX_TND_BATCH, MAX_TND_BATCH_PREFIX = 2048, 1024
 ALIBI_ROWS = 1024
+# Sanity limit on logical element counts (packed TND totals, score elements): every int64 offset the kernels
+# and the ABI packing compute (element, dropout-bit, pse and mask offsets) stays far from overflow.
+MAX_ELEMENTS = 2 ** 62
+# ALiBi distances |(kv_start + j) - (q_start + i)| are computed in int64 and used as fp32: they must be
+# integers exactly representable in fp32 (<= 2**24).
+MAX_ALIBI_DISTANCE = 2 ** 24
 
 
 @dataclass(frozen=True)
@@ -140,30 +148,55 @@ def _float_scalar(x: Any, param: str) -> float:
     return v
 
 
+def _int_array(x: Any, param: str) -> np.ndarray:
+    """np.asarray of a small host integer argument (prefix, sequence ends, start index arrays).
+
+    Ragged lists, masked arrays and objects NumPy cannot convert are FagErrors, not raw NumPy errors."""
+    if isinstance(x, np.ma.MaskedArray):
+        raise invalid(param, MASKED_ARRAY_RULE)
+    try:
+        a = np.asarray(x)
+    except Exception as exc:  # noqa: BLE001 - any conversion failure is a user input problem
+        raise invalid(param, f"cannot be converted to an integer array: {exc}") from None
+    if a.dtype.kind not in "iu":
+        raise invalid(param, f"must be an integer array, got dtype {a.dtype}")
+    return a
+
+
 def _first_int(x: Any, param: str) -> int:
-    """q_start_idx / kv_start_idx: the first element of an optional int array (0 if absent)."""
+    """q_start_idx / kv_start_idx: the first element of an optional int array (0 if absent), in int32."""
     if x is None:
         return 0
     if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
-        return _int_scalar(x, param)
-    a = np.asarray(x)
-    if a.dtype.kind not in "iu" or a.size < 1:
-        raise invalid(param, "must be a non-empty integer array")
-    return _int_scalar(a.reshape(-1)[0], param)
+        v = _int_scalar(x, param)
+    else:
+        a = _int_array(x, param)
+        if a.size < 1:
+            raise invalid(param, "must be a non-empty integer array")
+        v = _int_scalar(a.reshape(-1)[0], param)
+    if not INT32_MIN <= v <= INT32_MAX:
+        raise invalid(param, f"must lie in the int32 range [{INT32_MIN}, {INT32_MAX}], got {v}")
+    return v
 
 
 def _seq_array(x: Any, param: str) -> np.ndarray:
-    a = np.asarray(x)
-    if a.ndim != 1 or a.size < 1 or a.dtype.kind not in "iu":
+    a = _int_array(x, param)
+    if a.ndim != 1 or a.size < 1:
         raise invalid(param, "must be a 1-D non-empty integer array of cumulative sequence ends")
+    if a.dtype == np.uint64 and np.any(a > np.uint64(INT64_MAX)):
+        raise invalid(param, "cumulative sequence ends must fit in int64")
     a = a.astype(np.int64)
     if a[0] < 0 or np.any(np.diff(a) < 0):
         raise invalid(param, "cumulative sequence ends must be non-negative and non-decreasing")
     return a
 
 
-def _split_heads(layout: str, shape: tuple[int, ...], N: int | None, D: int | None, param: str):
-    """(B, S, N, D) of a tensor in a padded layout; for BSH/SBH either N or D must be given."""
+def _split_heads(layout: str, shape: tuple[int, ...], N: int | None, D: int | None, param: str,
+                 n_default: int | None = None):
+    """(B, S, N, D) of a tensor in a padded layout; for BSH/SBH either N or D must be given.
+
+    `n_default`: the head count to assume for a BSH/SBH tensor with H == 0 and D == 0 (an all-empty call,
+    where the head count cannot be derived from the hidden size)."""
     if layout in ("BSH", "SBH"):
         if len(shape) != 3:
             raise invalid(param, f"layout {layout} needs a 3-D tensor, got shape {shape}")
@@ -172,6 +205,8 @@ def _split_heads(layout: str, shape: tuple[int, ...], N: int | None, D: int | No
             if N <= 0 or H % N:
                 raise invalid(param, f"hidden size {H} is not divisible by head_num {N}")
             D = H // N
+        elif D == 0 and H == 0 and n_default is not None:
+            N = n_default
         else:
             if D is None or D <= 0 or H % D:
                 raise invalid(param, f"hidden size {H} is not a multiple of the head dim {D}")
@@ -279,9 +314,17 @@ def validate(
     if N1 <= 0:
         raise invalid("head_num", f"must be > 0, got {N1}")
     scale = _float_scalar(scale_value, "scale_value")
+    if abs(scale) > FLT_MAX or 0.0 < abs(scale) < FLT_MIN:
+        # the kernels multiply in fp32: the value must be 0 or a normal fp32 (no inf, no denormal)
+        raise invalid("scale_value", f"must be 0 or a normal fp32 value ({FLT_MIN:.6g} <= |scale| <= "
+                      f"{FLT_MAX:.8g}), got {scale!r}")
     keep = _float_scalar(keep_prob, "keep_prob")
     if not (0.0 < keep <= 1.0):
         raise invalid("keep_prob", f"must be in (0, 1], got {keep}")
+    if keep < FLT_MIN:
+        # fp32 keep_prob and 1/keep_prob must both be finite normal numbers
+        raise invalid("keep_prob", f"must be >= FLT_MIN = 2**-126 ({FLT_MIN:.6g}) so that keep_prob and "
+                      f"1/keep_prob are finite normal fp32 values, got {keep!r}")
     pre_t = _int_scalar(pre_tokens, "pre_tokens")
     next_t = _int_scalar(next_tokens, "next_tokens")
     ip = _int_scalar(inner_precise, "inner_precise")
@@ -303,6 +346,10 @@ def validate(
         raise unsupported("padding_mask", "reserved in CANN (not used by the operator); pass None")
     if not isinstance(deterministic, (bool, np.bool_)):
         raise invalid("deterministic", "must be a bool")
+    if layout != "TND":
+        for name, x in (("actual_seq_qlen", actual_seq_qlen), ("actual_seq_kvlen", actual_seq_kvlen)):
+            if x is not None:
+                raise invalid(name, f"only valid with input_layout TND (got layout {layout}); pass None")
 
     # ---- dtypes ----
     dtype = _dtype_name(query, "query")
@@ -324,28 +371,30 @@ def validate(
         if t.ndim != min_rank:
             raise invalid(name, f"layout {layout} needs a {min_rank}-D tensor, got shape {tuple(t.shape)}")
 
-    if query.size == 0 and key.size == 0 and value.size == 0:
-        return _empty_config(direction, layout, dtype, query, key, value, N1, scale, keep, mode, ptype,
-                             q_start, kv_start, bool(deterministic), target, stats_given)
-
+    # q, k and v all empty: early success (SPEC §11) after the same consistency rules; only the rules that
+    # need a non-zero size (B, Sq, Skv, D > 0) are skipped.
+    empty = query.size == 0 and key.size == 0 and value.size == 0
+    bsh = layout in ("BSH", "SBH")
     B, Sq, nq, D = _split_heads(layout, tuple(query.shape), N1, None, "query")
-    if layout != "BSH" and layout != "SBH" and nq != N1:
+    if not bsh and nq != N1:
         raise invalid("head_num", f"head_num {N1} differs from the query's head count {nq}")
-    Bk, Skv, N2, Dk = _split_heads(layout, tuple(key.shape), None, D if layout in ("BSH", "SBH") else None, "key")
-    if layout not in ("BSH", "SBH") and Dk != D:
+    n_default = N1 if empty else None
+    Bk, Skv, N2, Dk = _split_heads(layout, tuple(key.shape), None, D if bsh else None, "key", n_default)
+    if not bsh and Dk != D:
         raise invalid("key", f"qD and kD should be same: query D={D}, key D={Dk}")
-    if D == 0 or Dk == 0:
-        raise invalid("query", "head dim D must be > 0")
-    if min(B, N1, Sq) == 0:
-        raise invalid("query", f"B, N1, Sq and D must all be > 0, got shape {tuple(query.shape)}")
+    if not empty:
+        if D == 0 or Dk == 0:
+            raise invalid("query", "head dim D must be > 0")
+        if min(B, N1, Sq) == 0:
+            raise invalid("query", f"B, N1, Sq and D must all be > 0, got shape {tuple(query.shape)}")
     if Bk != B:
         raise invalid("key", f"batch {Bk} differs from query batch {B}")
-    if min(Skv, N2) == 0:
+    if not empty and min(Skv, N2) == 0:
         raise invalid("key", f"Skv and N2 must be > 0, got shape {tuple(key.shape)}")
-    if N1 % N2:
+    if N2 <= 0 or N1 % N2:
         raise invalid("key", f"query heads {N1} must be a multiple of key heads {N2} (GQA)")
-    Bv, Sv, Nv, Dv = _split_heads(layout, tuple(value.shape), N2 if layout in ("BSH", "SBH") else None, None, "value")
-    if (Bv, Sv, Nv) != (B, Skv, N2) or Dv == 0:
+    Bv, Sv, Nv, Dv = _split_heads(layout, tuple(value.shape), N2 if bsh else None, None, "value")
+    if (Bv, Sv, Nv) != (B, Skv, N2) or (Dv == 0 and not empty):
         raise invalid("value", f"shape {tuple(value.shape)} must equal key's {tuple(key.shape)} except in D")
     if Dv > D:
         raise invalid("value", f"qD must be >= vD: D={D}, Dv={Dv}")
@@ -353,7 +402,7 @@ def validate(
         raise invalid("query", f"batch {B} exceeds the documented maximum {MAX_B}")
     if N1 > MAX_N or N2 > MAX_N:
         raise invalid("head_num", f"head count exceeds the documented maximum {MAX_N}")
-    if Sq > MAX_S or Skv > MAX_S:
+    if layout != "TND" and (Sq > MAX_S or Skv > MAX_S):  # TND: per sequence, below
         raise invalid("query" if Sq > MAX_S else "key", f"sequence length exceeds the documented maximum {MAX_S}")
     if D > MAX_D:
         raise invalid("query", f"head dim {D} exceeds the documented maximum {MAX_D}")
@@ -392,11 +441,21 @@ def validate(
         Bn = n_batch
         seqs = [(int(lq[b]), int(lk[b]), int(cq[b] - lq[b]), int(ck[b] - lk[b])) for b in range(Bn)]
         Sq_max, Skv_max = int(lq.max()), int(lk.max())
+        if Sq_max > MAX_S:  # the documented S limit is per sequence; T itself is bounded below
+            raise invalid("actual_seq_qlen", f"sequence length {Sq_max} exceeds the documented maximum {MAX_S}")
+        if Skv_max > MAX_S:
+            raise invalid("actual_seq_kvlen", f"sequence length {Skv_max} exceeds the documented maximum {MAX_S}")
     else:
         T = T2 = 0
         Bn = B
         seqs = [(Sq, Skv, 0, 0)] * B
         Sq_max, Skv_max = Sq, Skv
+    _check_element_counts(layout, B, Sq, Skv, N1, N2, D, seqs)
+    if abs(kv_start - q_start) + max(Sq_max, Skv_max) > MAX_ALIBI_DISTANCE:
+        raise invalid("kv_start_idx" if kv_start_idx is not None else "q_start_idx",
+                      f"|kv_start_idx - q_start_idx| + max(Sq, Skv) = |{kv_start} - {q_start}| + "
+                      f"{max(Sq_max, Skv_max)} must be <= 2**24 (q_start_idx/kv_start_idx: int32 each, and every "
+                      "alibi distance an integer exactly representable in fp32)")
 
     # ---- softmax stats ----
     if bwd and stats_given:
@@ -446,8 +505,8 @@ def validate(
         if mode in (5, 6):
             if prefix is None:
                 raise invalid("prefix", f"sparse_mode {mode} requires prefix")
-            pa = np.asarray(prefix)
-            if pa.ndim != 1 or pa.dtype.kind not in "iu":
+            pa = _int_array(prefix, "prefix")
+            if pa.ndim != 1:
                 raise invalid("prefix", "must be a 1-D integer array")
             if pa.size != Bn:
                 raise invalid("prefix", f"length {pa.size} must equal the batch size {Bn}")
@@ -466,7 +525,7 @@ def validate(
     pse_form = "none"
     if pse_shift is not None:
         pse_form = _check_pse(pse_shift, ptype, dtype, layout, mode, atten_mask is not None, B, N1, Sq, Skv,
-                              T2, seqs, batches, q_start, kv_start)
+                              T2, seqs, batches, q_start, kv_start, empty)
 
     # ---- dropout ----
     dropout = keep < 1.0
@@ -487,16 +546,21 @@ def validate(
         batches=batches, scale=scale, keep_prob=keep, sparse_mode=mode, mask_form=mask_form, band=band,
         full_mask=full_mask, pse_type=ptype, pse_form=pse_form, q_start=q_start, kv_start=kv_start,
         dropout=dropout, invalid_rows=invalid_rows, stats_given=stats_given, deterministic=bool(deterministic),
-        target=target, T=T, T2=T2, prefix=prefix_t)
+        target=target, T=T, T2=T2, prefix=prefix_t, empty=empty)
 
 
-def _empty_config(direction, layout, dtype, query, key, value, N1, scale, keep, mode, ptype, q_start, kv_start,
-                  deterministic, target, stats_given) -> OpConfig:
-    return OpConfig(
-        direction=direction, layout=layout, dtype=dtype, B=0, N1=N1, N2=max(N1, 1), Sq=0, Skv=0, D=0, Dv=0,
-        batches=(), scale=scale, keep_prob=keep, sparse_mode=mode, mask_form="none", band=False, full_mask=False,
-        pse_type=ptype, pse_form="none", q_start=q_start, kv_start=kv_start, dropout=False, invalid_rows=False,
-        stats_given=stats_given, deterministic=deterministic, target=target, empty=True)
+def _check_element_counts(layout: str, B: int, Sq: int, Skv: int, N1: int, N2: int, D: int, seqs) -> None:
+    """Sanity limit (MAX_ELEMENTS = 2**62) on logical element counts, so that no int64 offset can overflow.
+
+    The documented S <= 1M applies per sequence; packed TND totals T, T2 are only bounded by this limit
+    (and the sequence-count limit), as are the score elements N1·ΣSq_b·Skv_b (dropout bits, pse, mask)."""
+    q_rows, kv_rows = (Sq, Skv) if layout == "TND" else (B * Sq, B * Skv)
+    counts = (("query", q_rows * N1 * D), ("key", kv_rows * N2 * D),
+              ("actual_seq_qlen" if layout == "TND" else "query", N1 * sum(s[0] * s[1] for s in seqs)))
+    for name, n in counts:
+        if n >= MAX_ELEMENTS:
+            raise invalid(name, f"{n} logical elements (tensor or N1·ΣSq_b·Skv_b score elements) exceed the "
+                          f"sanity limit 2**62 that keeps every int64 offset safe")
 
 
 def _structural_rules(layout, mode, has_mask, seqs, pre, nxt, prefix) -> tuple[BatchInfo, ...]:
@@ -534,7 +598,8 @@ def _structural_rules(layout, mode, has_mask, seqs, pre, nxt, prefix) -> tuple[B
                 else:
                     n = 0
             if mode in (0, 4) or (mode in (7, 8) and b == band_idx):
-                _check_tokens(p, n, sq, skv, tnd)
+                _check_tokens(p, n, sq, skv, tnd)  # on the exact (Python int) converted tokens
+                p, n = _clamp_tokens(p, n, sq, skv)
         out.append(BatchInfo(sq=sq, skv=skv, q_row0=q0, kv_row0=k0, pre=p, next=n, prefix=pf))
     return tuple(out)
 
@@ -548,6 +613,15 @@ def _check_tokens(p: int, n: int, sq: int, skv: int, tnd: bool) -> None:
     if (p + n <= 0) if tnd else (p + n < 0):
         raise invalid("pre_tokens", f"pre_tokens + next_tokens after conversion ({p} + {n}) must be "
                       f"{'> 0' if tnd else '>= 0'}")
+
+
+def _clamp_tokens(p: int, n: int, sq: int, skv: int) -> tuple[int, int]:
+    """Converted tokens clamped to an equivalent small range, so no int64 band arithmetic can overflow.
+
+    visible(i,j) = (j-i <= next and i-j <= pre) or j < prefix, with i in [0,sq), j in [0,skv): every
+    next >= skv-1 behaves like next = skv, every pre >= sq-1 like pre = sq; below, next < -(sq-1) and
+    pre < -(skv-1) mask everything (validation already bounds them by -sq and -skv)."""
+    return max(min(p, sq), -(skv + 1)), max(min(n, skv), -(sq + 1))
 
 
 def _rule_masks_something(bi: BatchInfo) -> bool:
@@ -568,7 +642,7 @@ def _has_empty_row(bi: BatchInfo) -> bool:
 
 
 def _check_pse(pse, ptype, dtype, layout, mode, has_mask, B, N1, Sq, Skv, T2, seqs, batches, q_start,
-               kv_start) -> str:
+               kv_start, empty: bool = False) -> str:
     shape = tuple(pse.shape)
     if ptype in (2, 3):
         if pse.dtype != np.float32:
@@ -587,7 +661,7 @@ def _check_pse(pse, ptype, dtype, layout, mode, has_mask, B, N1, Sq, Skv, T2, se
             if not ok:
                 raise invalid("pse_type", "pse_type 2/3 with sparse_mode 8 needs Sq_b == Skv_b for every batch "
                               "and actSeqQ[0]-actSeqKv[0]+q_start-kv_start == 0")
-        if layout == "TND" and any(s[0] == 0 or s[1] == 0 for s in seqs):
+        if layout == "TND" and not empty and any(s[0] == 0 or s[1] == 0 for s in seqs):
             raise unsupported("pse_shift", "pse with zero-length TND sequences")
         return form
     if DTYPE_NAMES.get(pse.dtype) != dtype:
@@ -595,7 +669,7 @@ def _check_pse(pse, ptype, dtype, layout, mode, has_mask, B, N1, Sq, Skv, T2, se
     if mode == 7 and has_mask:
         raise invalid("pse_shift", "sparse_mode 7 does not take pse")
     if layout == "TND":
-        if any(s[0] == 0 or s[1] == 0 for s in seqs):
+        if not empty and any(s[0] == 0 or s[1] == 0 for s in seqs):
             raise unsupported("pse_shift", "pse with zero-length TND sequences")
         Bn = len(seqs)
         bnss = N1 * sum(s[0] * s[1] for s in seqs)
@@ -635,3 +709,48 @@ def _check_pse(pse, ptype, dtype, layout, mode, has_mask, B, N1, Sq, Skv, T2, se
 def _causal_tokens(batches, tnd: bool) -> bool:
     return all(bi.next == (bi.skv - bi.sq if tnd else 0) or bi.next == 0 for bi in batches if bi.sq) and all(
         bi.pre >= bi.sq for bi in batches if bi.sq)
+
+
+# --------------------------------------------------------------------------------------------------
+# memory
+
+
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def output_sizes(cfg: OpConfig, forward: bool, backward: bool) -> list[tuple[str, str, int]]:
+    """(output, input parameter it derives from, bytes) of every output a call allocates."""
+    it = _ITEMSIZE[cfg.dtype]
+    q_rows = cfg.T if cfg.tnd else cfg.B * cfg.Sq
+    kv_rows = cfg.T2 if cfg.tnd else cfg.B * cfg.Skv
+    out: list[tuple[str, str, int]] = []
+    if forward:
+        stat = q_rows * cfg.N1 * 8 * 4
+        out += [("attention_out", "query", q_rows * cfg.N1 * cfg.Dv * it), ("softmax_max", "query", stat),
+                ("softmax_sum", "query", stat)]
+    if backward:
+        out += [("dq", "query", q_rows * cfg.N1 * cfg.D * it), ("dk", "key", kv_rows * cfg.N2 * cfg.D * it),
+                ("dv", "value", kv_rows * cfg.N2 * cfg.Dv * it)]
+        if cfg.dpse_computed:
+            n = {"BNSS": cfg.B * cfg.N1 * cfg.Sq * cfg.Skv, "1NSS": cfg.N1 * cfg.Sq * cfg.Skv,
+                 "BN1S": cfg.B * cfg.N1 * cfg.Skv, "TND_BNSS": cfg.N1 * sum(b.sq * b.skv for b in cfg.batches),
+                 "TND_BN1S": cfg.N1 * cfg.T2}[cfg.pse_form]
+            out.append(("dpse", "pse_shift", n * it))
+    return out
+
+
+def check_output_memory(cfg: OpConfig, forward: bool, backward: bool) -> None:
+    """Refuse (161002) a call whose outputs alone exceed this machine's memory, before anything is allocated.
+
+    Zero-stride (broadcast) inputs can describe enormous logical shapes; without this check the output
+    allocation would fail later with a raw MemoryError."""
+    sizes = output_sizes(cfg, forward, backward)
+    total = sum(n for _, _, n in sizes)
+    import psutil
+
+    mem = int(psutil.virtual_memory().total)
+    if total > mem:
+        name, param, n = max(sizes, key=lambda x: x[2])
+        parts = ", ".join(f"{o} {b}" for o, _, b in sizes)
+        raise invalid(param, f"the outputs need {total} bytes ({parts}; largest: {name} from {param}), more than "
+                      f"this machine's memory ({mem} bytes)")

@@ -8,7 +8,7 @@ import numpy as np
 
 from .api import ARRAY_ARGS, collect_arrays, flash_attention_score as _api_fwd
 from .api import flash_attention_score_grad as _api_bwd
-from .config import validate
+from .config import check_output_memory, validate
 from .targets.reference import backward_arrays, forward_arrays
 
 
@@ -34,6 +34,7 @@ def exact(query: Any, key: Any, value: Any, dy: Any, **kwargs: Any) -> dict[str,
     a = collect_arrays(query, key, value, dy, kw)
     arrays = {k: a.get(k) for k in ARRAY_ARGS if k not in ("softmax_max", "softmax_sum", "attention_in")}
     fcfg = validate("fwd", a["query"], a["key"], a["value"], **arrays, **kwargs)
+    check_output_memory(fcfg, forward=True, backward=True)
     f = forward_arrays(fcfg, a)
     a = dict(a, softmax_max=f["softmax_max_f64"], softmax_sum=f["softmax_sum_f64"],
              attention_in=f["attention_out_f64"])

@@ -6,17 +6,21 @@ so a workload names the same kernels a real call with those shapes would need.""
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import numpy as np
 
 from .arrays import NAME_TO_DTYPE
-from .config import OpConfig, validate
+from .config import MAX_B, OpConfig, validate
 from .errors import invalid
 
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "float32": "float32",
                  "float16": "float16", "bfloat16": "bfloat16"}
 REQUIRED = ("B", "N1", "N2", "Sq", "Skv", "D", "Dv", "input_layout", "dtype", "sparse_mode")
+OPTIONAL = ("pse", "keep_prob", "pse_type", "mask", "id")
+_SIZES = ("B", "N1", "N2", "Sq", "Skv", "D", "Dv")
+MAX_SIZE = 2 ** 31  # far above every documented limit; keeps the stand-in host arrays' arithmetic in int64
 
 SUITE: dict[str, dict[str, Any]] = {
     sid: {"B": B, "N1": nq, "N2": nkv, "Sq": sq, "Skv": skv, "D": d, "Dv": d, "input_layout": "BNSD",
@@ -48,7 +52,59 @@ def layout_shape(layout: str, B: int, S: int, N: int, d: int) -> tuple[int, ...]
 
 
 def _stand_in(shape: tuple[int, ...], dtype) -> np.ndarray:
-    return np.broadcast_to(np.zeros((), dtype=dtype), shape)
+    try:
+        return np.broadcast_to(np.zeros((), dtype=dtype), shape)
+    except (ValueError, OverflowError, MemoryError) as e:  # a logical shape NumPy cannot describe
+        raise invalid("workload", f"shape {shape} cannot be represented: {e}") from None
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def check_workload(w: Any) -> None:
+    """Reject (FagError 161002) anything but a JSON object with exactly the known keys and sane value types.
+
+    A typo such as `sparse_mod` would otherwise be ignored silently and compile a different kernel."""
+    if not isinstance(w, dict):
+        raise invalid("workload", f"must be a JSON object, got {type(w).__name__}: {w!r:.200}")
+    unknown = sorted(str(k) for k in w if k not in REQUIRED + OPTIONAL)
+    if unknown:
+        raise invalid("workload", f"unknown keys {unknown}; valid keys are {list(REQUIRED)} (required) and "
+                      f"{list(OPTIONAL)} (optional)")
+    missing = [k for k in REQUIRED if k not in w]
+    if missing:
+        raise invalid("workload", f"missing fields {missing} in {w}")
+    for k in _SIZES + ("sparse_mode",):
+        if not _is_int(w[k]):
+            raise invalid(f"workload.{k}", f"must be an integer, got {w[k]!r}")
+    for k in _SIZES:
+        if not 1 <= w[k] <= MAX_SIZE:
+            raise invalid(f"workload.{k}", f"must be in [1, 2**31], got {w[k]}")
+    if w["B"] > MAX_B:  # before any per-batch host array is built
+        raise invalid("workload.B", f"batch {w['B']} exceeds the documented maximum {MAX_B}")
+    for k in ("input_layout", "dtype"):
+        if not isinstance(w[k], str):
+            raise invalid(f"workload.{k}", f"must be a string, got {w[k]!r}")
+    if "pse_type" in w and not _is_int(w["pse_type"]):
+        raise invalid("workload.pse_type", f"must be an integer, got {w['pse_type']!r}")
+    if "keep_prob" in w:
+        kp = w["keep_prob"]
+        if isinstance(kp, bool) or not isinstance(kp, (int, float)) or not math.isfinite(_to_float(kp)):
+            raise invalid("workload.keep_prob", f"must be a finite number, got {kp!r:.100}")
+    if "pse" in w and w["pse"] is not None and not isinstance(w["pse"], str):
+        raise invalid("workload.pse", f"must be a pse shape name (string) or null, got {w['pse']!r}")
+    if "mask" in w and w["mask"] is not None and not isinstance(w["mask"], bool):
+        raise invalid("workload.mask", f"must be true, false or null, got {w['mask']!r}")
+    if "id" in w and w["id"] is not None and not isinstance(w["id"], (str, int)):
+        raise invalid("workload.id", f"must be a string or an integer, got {w['id']!r}")
+
+
+def _to_float(x: int | float) -> float:
+    try:
+        return float(x)
+    except OverflowError:
+        return math.inf
 
 
 def load_workloads(arg: str) -> list[dict[str, Any]]:
@@ -57,23 +113,27 @@ def load_workloads(arg: str) -> list[dict[str, Any]]:
     if all(i in SUITE for i in ids):
         return [dict(SUITE[i], id=i) for i in ids]
     try:
-        text = open(arg).read()
-    except OSError:
+        with open(arg) as f:
+            text = f.read()
+    except (OSError, ValueError):  # not a path (ValueError: e.g. an embedded NUL, undecodable bytes)
         text = arg
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise invalid("workload", f"not a suite id (S1..S9), JSON or a JSON file: {e}") from None
-    return data if isinstance(data, list) else [data]
+    out = data if isinstance(data, list) else [data]
+    if not out:
+        raise invalid("workload", "the workload list is empty")
+    for w in out:
+        check_workload(w)
+    return out
 
 
 def configs(w: dict[str, Any]) -> tuple[OpConfig, OpConfig]:
     """(forward config, backward config) of one workload."""
     from .masks import compressed_causal_mask, compressed_prefix_mask
 
-    missing = [k for k in REQUIRED if k not in w]
-    if missing:
-        raise invalid("workload", f"missing fields {missing} in {w}")
+    check_workload(w)
     dt_name = DTYPE_ALIASES.get(str(w["dtype"]))
     if dt_name is None:
         raise invalid("workload.dtype", f"unknown dtype {w['dtype']!r}")
