@@ -1,6 +1,9 @@
 """Accuracy metrics of SPEC A10, shared by tests, the quickstart and benchmarks."""
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import numpy as np
 
 TOLERANCE = {"fp32": 2e-5, "float32": 2e-5, "fp16": 5e-3, "float16": 5e-3, "bf16": 3e-2, "bfloat16": 3e-2}
@@ -53,8 +56,9 @@ def stats_error(out, ref) -> float:
 
 def a10_problems(name: str, out, ref, dtype: str) -> list[str]:
     """Every way `out` fails SPEC A10 against the float64 reference `ref` ([] = passes): relative L2 within the
-    dtype's tolerance (outputs that are mathematically zero, rms(ref) < 1e-9, are held to an absolute RMS
-    bound instead), CANN's element rule on >= 99.9% of elements for fp32, finite where the reference is;
+    dtype's tolerance (outputs that are mathematically zero — rms(ref) < 1e-6, e.g. dq when every row sees one
+    key: the reference then holds only the rounding noise of its fp32 inputs — are held to an absolute RMS
+    bound of 0.1·tol instead), CANN's element rule on >= 99.9% of elements for fp32, finite where the reference is;
     softmax stats through `stats_error`."""
     tol = tolerance(dtype)
     if name in ("softmax_max", "softmax_sum"):
@@ -70,7 +74,7 @@ def a10_problems(name: str, out, ref, dtype: str) -> list[str]:
     fin = np.isfinite(b)
     a, b = a[fin], b[fin]
     rms_ref = float(np.sqrt(np.mean(b ** 2))) if b.size else 0.0
-    if rms_ref < 1e-9:
+    if rms_ref < 1e-6:
         rms = float(np.sqrt(np.mean((a - b) ** 2))) if b.size else 0.0
         if rms > 0.1 * tol:
             probs.append(f"{name}: rms error {rms:.2e} on a zero output")
@@ -83,3 +87,16 @@ def a10_problems(name: str, out, ref, dtype: str) -> list[str]:
         if r < 0.999:
             probs.append(f"{name}: CANN element rule holds for {r:.4%} < 99.9%")
     return probs
+
+
+@contextlib.contextmanager
+def poisoned_outputs(on: bool = True) -> Iterator[None]:
+    """Within the block, every output/scratch buffer the library allocates starts as NaN (not the zeros
+    fresh memory usually holds), so a region a kernel forgets to write fails the comparison."""
+    from .core.buffers import set_poison
+
+    old = set_poison(on)
+    try:
+        yield
+    finally:
+        set_poison(old)

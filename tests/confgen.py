@@ -24,10 +24,7 @@ import numpy as np
 from fag_tvm import dropout as fdrop
 from fag_tvm import masks as fmasks
 
-try:
-    from .torch_oracle import INT32_MAX, plan
-except ImportError:  # tests/ is not a package: imported as a top-level module
-    from torch_oracle import INT32_MAX, plan
+from torch_oracle import INT32_MAX, plan
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": BF16}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from fag_tvm import targets
+from fag_tvm.testing import poisoned_outputs
 
 
 def compiled_target_names() -> list[str]:
@@ -27,3 +28,10 @@ def target(request) -> str:
     if not ok:
         pytest.skip(f"target {request.param} not available here: {why}")
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs():
+    """Every test runs with NaN-poisoned output buffers (an unwritten element can never pass as a zero)."""
+    with poisoned_outputs():
+        yield

@@ -110,7 +110,8 @@ def test_editing_one_target_never_stales_another(tmp_path):
     hash; editing the shared math changes every target's."""
     root = tmp_path / "copy"
     shutil.copytree(PKG, root / "fag_tvm", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "schedules", root / "fag_tvm" / "schedules", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "schedules", root / "fag_tvm" / "schedules", ignore=shutil.ignore_patterns("__pycache__"),
+                    dirs_exist_ok=True)
     shutil.copytree(TESTS, root / "tests", ignore=shutil.ignore_patterns("__pycache__"))
     h0 = _hashes(root)
     assert h0["llvm"] == targets.get("llvm").source_hash()  # installed layout == checkout layout

@@ -8,23 +8,19 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fag_tvm
 from fag_tvm import masks
 from fag_tvm.dropout import gen_drop_mask, gen_drop_mask_tnd
 
-try:
-    from .confgen import from_layout, gen_case, to_layout
-    from .torch_oracle import FLT_MAX, INT32_MAX, rel_err
-except ImportError:
-    from confgen import from_layout, gen_case, to_layout
-    from torch_oracle import FLT_MAX, INT32_MAX, rel_err
+from confgen import from_layout, gen_case, to_layout, tokens_valid
+from torch_oracle import FLT_MAX, INT32_MAX, rel_err
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 ref = fag_tvm.reference
-SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True, database=None)
 
 
 def rnd(rng, shape, dt=np.float32):
@@ -120,7 +116,14 @@ def test_tnd_equals_per_sequence_bnsd(seed, mode, pse, drop):
                 sub = {7: 3, 8: 2}.get(mode, mode) if (mode not in (7, 8) or b != band) else 4
                 per[b].update(sparse_mode=sub, atten_mask=kw["atten_mask"])
         if mode in (0, 4, 7, 8):
-            pre, nxt = int(rng.integers(1, 10)), int(rng.integers(0, 10))
+            # valid tokens by construction (SPEC §5 on the converted tokens): a rejection below is a failure
+            band_b = nb - 1 if mode == 7 else 0
+            for _ in range(100):
+                pre, nxt = int(rng.integers(1, 10)), int(rng.integers(0, 10))
+                if tokens_valid(mode, True, list(zip(lq, lk)), pre, nxt, band_b):
+                    break
+            else:
+                pre, nxt = INT32_MAX, INT32_MAX
             kw.update(pre_tokens=pre, next_tokens=nxt)
             for b in range(nb):
                 per[b].update(pre_tokens=pre, next_tokens=nxt)
@@ -149,10 +152,7 @@ def test_tnd_equals_per_sequence_bnsd(seed, mode, pse, drop):
             n = N1 * lq[b] * lk[b]
             per[b].update(keep_prob=0.7, drop_mask=np.packbits(bits[off:off + n], bitorder="little"))
             off += n
-    try:
-        full = ref.exact(q, k, v, dy, **kw)
-    except fag_tvm.FagError:
-        assume(False)  # random tokens invalid for this TND config
+    full = ref.exact(q, k, v, dy, **kw)  # every generated call is valid: a FagError here is a regression
     srow = 0
     for b in range(nb):
         q0, q1, k0, k1 = cq[b] - lq[b], cq[b], ck[b] - lk[b], ck[b]

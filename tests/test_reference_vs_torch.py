@@ -20,14 +20,9 @@ import pytest
 import fag_tvm
 from fag_tvm import masks
 
-try:
-    from .confgen import gen_case
-    from .torch_oracle import (FLT_MAX, INT32_MAX, OUTPUT_KEYS, cann_bad_ratio, compare, oracle, plan, rel_err,
-                               structural_masked)
-except ImportError:  # tests/ is not a package
-    from confgen import gen_case
-    from torch_oracle import (FLT_MAX, INT32_MAX, OUTPUT_KEYS, cann_bad_ratio, compare, oracle, plan, rel_err,
-                              structural_masked)
+from confgen import gen_case
+from torch_oracle import (FLT_MAX, INT32_MAX, OUTPUT_KEYS, cann_bad_ratio, compare, oracle, plan, rel_err,
+                          structural_masked)
 
 N_CONFIGS = 420
 BATCH = 30

@@ -7,6 +7,16 @@ from typing import Any
 import numpy as np
 
 ALIGN = 64
+_POISON = {"on": False}  # tests: fill fresh float buffers with NaN so an unwritten element cannot pass
+
+
+def set_poison(on: bool) -> bool:
+    """Fill every buffer `aligned_empty` returns with NaN (float dtypes) from now on; returns the previous
+    setting. For tests (fag_tvm.testing.poisoned_outputs): outputs a kernel forgets to write then show up
+    as NaN instead of as the zeros fresh memory usually holds."""
+    old = _POISON["on"]
+    _POISON["on"] = bool(on)
+    return old
 
 
 def is_aligned(a: np.ndarray) -> bool:
@@ -21,7 +31,10 @@ def aligned_empty(shape: Any, dtype: Any) -> np.ndarray:
     nbytes = max(1, n) * dtype.itemsize
     buf = np.empty(nbytes + ALIGN, dtype=np.uint8)
     off = (-buf.ctypes.data) % ALIGN
-    return buf[off:off + n * dtype.itemsize].view(dtype).reshape(shape)
+    out = buf[off:off + n * dtype.itemsize].view(dtype).reshape(shape)
+    if _POISON["on"] and (dtype.kind == "f" or dtype.name == "bfloat16"):
+        out[...] = np.nan
+    return out
 
 
 def aligned_zeros(shape: Any, dtype: Any) -> np.ndarray:
