@@ -23,7 +23,7 @@ def cli(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=e, timeout=timeout)
 
 
-@pytest.mark.parametrize("cmd", ["info", "quickstart", "compile", "bench", "tune", "report"])
+@pytest.mark.parametrize("cmd", ["info", "quickstart", "compile", "bench", "tune", "report", "cache", "inspect"])
 def test_subcommand_help(cmd):
     r = cli(cmd, "--help")
     assert r.returncode == 0 and "usage" in r.stdout, r.stderr

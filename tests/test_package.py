@@ -16,6 +16,8 @@ import fag_tvm
 from fag_tvm import FagError, masks
 from fag_tvm.testing import rel_err
 
+pytestmark = pytest.mark.xdist_group("package")  # one worker: the module's package is built once
+
 WORKLOADS = [
     {"B": 1, "N1": 2, "N2": 1, "Sq": 64, "Skv": 64, "D": 32, "Dv": 32, "input_layout": "BNSD", "dtype": "fp32",
      "sparse_mode": 3},

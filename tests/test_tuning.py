@@ -30,7 +30,7 @@ from fag_tvm.tune import records as R
 from fag_tvm.tune import task as TK
 from fag_tvm.workloads import SUITE, random_call
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tuning")]  # one worker: the module fixture tunes once
 ROOT = Path(__file__).resolve().parent.parent
 LLVM = targets.get("llvm")
 SMALL = {"B": 1, "N1": 2, "N2": 2, "Sq": 256, "Skv": 256, "D": 64, "Dv": 64, "input_layout": "BNSD",

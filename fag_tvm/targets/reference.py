@@ -16,7 +16,9 @@ from ..dropout import unpack_bits
 from ..masks import dense_masked
 from .base import Target
 
-_CHUNK_BYTES = 256 << 20  # per dense float64 matrix family, bounds memory for long sequences
+_CHUNK_BYTES = 256 << 20
+EXP_ARG_MAX = 88.3762626647949  # the kernels' exp clamps its argument here (fexp)
+RR_MAX = 1.4189  # and bound 1/softmax_sum (kernels/common/softmax.RR_MAX)  # per dense float64 matrix family, bounds memory for long sequences
 
 
 # ----------------------------------------------------------------------------------------- layouts
@@ -316,7 +318,9 @@ def _backward(cfg: OpConfig, a: dict[str, Any]) -> dict[str, np.ndarray | None]:
             masked = masked_all[h] if masked_all.shape[0] > 1 else masked_all
             kk, vv = _kv_for(k, cfg, h), _kv_for(v, cfg, h)
             S = _scores(cfg, q[h], kk, pse_dense(cfg, pse, b, h), masked)
-            P = np.exp(S - m) / l  # overflow needs a supplied max below a score (invalid rows: zeroed)
+            # exp's argument and 1/sum bounded as in the kernels (kernels/common/softmax): with stats that do
+            # not belong to these scores P stays finite instead of overflowing (never for forward-made stats)
+            P = np.exp(np.minimum(S - m, EXP_ARG_MAX)) * np.minimum(1.0 / l, RR_MAX)
             P = np.where((m == -FLT_MAX) & (l == FLT_MAX), 0.0, P)  # invalid rows contribute exactly 0 (A5)
             dP = dy[h] @ vv.transpose(0, 2, 1)
             keep = _keep(cfg, a.get("drop_mask"), b, h)

@@ -2,7 +2,7 @@
 round-to-nearest-even (NumPy bf16 arrays pass zero-copy; DLPack cannot export ml_dtypes bf16)."""
 from __future__ import annotations
 
-from .finite import DTYPE_MAX, sat, sat_out
+from .finite import sat_out
 from .tir import T, tirx
 
 
@@ -41,10 +41,6 @@ class DType:
     def st_sat(self, x):
         """An output value: saturated to the dtype's finite range (overflow of undefined sign -> 0), stored."""
         return self.st(sat_out(x, self.dtype))
-
-    def rnd_sat(self, x):
-        """rnd() of x clamped to the dtype's finite range (fp16 rounding of 1e5 would give inf)."""
-        return self.rnd(sat(x, DTYPE_MAX[self.dtype]))
 
     def rnd(self, x):
         """fp32 value rounded to the kernel dtype and widened back (identity for fp32)."""

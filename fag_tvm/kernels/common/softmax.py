@@ -4,6 +4,11 @@ from __future__ import annotations
 from .tir import FLT_MAX, T, f32
 
 
+EXP_MAX = 2.3982e38  # fexp's largest value (exp of its upper clamp 88.376)
+RR_MAX = 1.4189  # 1/softmax_sum is bounded by FLT_MAX / EXP_MAX so P = exp(S - max) / sum stays finite; any
+# sum a forward produces is >= 1 (its max element contributes exp(0)), so only inconsistent stats are affected
+
+
 def fexp(x):
     """exp(x) in fp32 as a vectorizable polynomial (Cephes expf: ~1 ulp), exactly 0 for x < -87.34
     (including -inf), so masked scores give P == 0 exactly. TVM lowers T.exp to scalar expf calls."""

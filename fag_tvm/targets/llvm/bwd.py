@@ -15,7 +15,9 @@ spec.dpse_sum_b, so dpse accumulation over b is deterministic). Per task:
 
 Before all that the task scans its inputs (q/dy/o rows of its heads, their stats, k/v rows, their pse
 block): if one is NaN or ±Inf, the task writes NaN to every output it owns instead (poison, SPEC
-decision); with finite inputs every intermediate saturates instead of overflowing (kernels/common/finite).
+decision). With finite inputs, scores saturate to the fp32 range, 1/ssum is bounded so P stays finite,
+and every output saturates to its dtype's range (an overflow inside a product cannot reach an output
+as Inf or NaN; kernels/common/finite).
 
 Scratch is O(tile) per thread; ws holds Di and the fp32 dq accumulator (O(rows * D)).
 """
@@ -68,13 +70,14 @@ def make_bwd(spec: KernelSpec, knobs, name: str = "fag_bwd"):
         @T.macro
         def cell(c, t, i, j):
             t.St[i, j] = score_expr(c, t.St[i, j], t.i0 + i, t.j0 + j, check_band)
-            t.Pt[i, j] = sat(csoft.fexp(t.St[i, j] - t.rm[i]) * t.rr[i])
+            t.Pt[i, j] = csoft.fexp(t.St[i, j] - t.rm[i]) * t.rr[i]  # <= FLT_MAX: rr <= RR_MAX
             if DROP:
                 t.Mk[j] = cdrop.drop_keep_factor(c, t.i0 + i, t.j0 + j)
-                t.dPt[i, j] = sat(t.Pt[i, j] * sat(sat(t.dPt[i, j]) * t.Mk[j] - t.rd[i]))
+                t.dPt[i, j] = t.Pt[i, j] * (t.dPt[i, j] * t.Mk[j] - t.rd[i])
             else:
-                t.dPt[i, j] = sat(t.Pt[i, j] * sat(sat(t.dPt[i, j]) - t.rd[i]))
+                t.dPt[i, j] = t.Pt[i, j] * (t.dPt[i, j] - t.rd[i])
             if DPSE:
+                t.dPt[i, j] = sat(t.dPt[i, j])  # an overflowed dS must not turn the dpse accumulator into NaN
                 if DPSE_MUL_SCALE:
                     c.dpse[c.pse_head + (t.i0 + i) * c.p_si + t.j0 + j] = sat_keep_nan(
                         c.dpse[c.pse_head + (t.i0 + i) * c.p_si + t.j0 + j] + t.dPt[i, j] * c.scale)
@@ -82,11 +85,11 @@ def make_bwd(spec: KernelSpec, knobs, name: str = "fag_bwd"):
                     c.dpse[c.pse_head + (t.i0 + i) * c.p_si + t.j0 + j] = sat_keep_nan(
                         c.dpse[c.pse_head + (t.i0 + i) * c.p_si + t.j0 + j] + t.dPt[i, j])
             if LOWP:
-                t.dPt[i, j] = dt.rnd_sat(t.dPt[i, j])
+                t.dPt[i, j] = dt.rnd(t.dPt[i, j])
             if DROP:
-                t.Pt[i, j] = sat(t.Pt[i, j] * t.Mk[j])
+                t.Pt[i, j] = t.Pt[i, j] * t.Mk[j]
             if LOWP:
-                t.Pt[i, j] = dt.rnd_sat(t.Pt[i, j])
+                t.Pt[i, j] = dt.rnd(t.Pt[i, j])
 
         return cell
 
@@ -250,8 +253,8 @@ def make_bwd(spec: KernelSpec, knobs, name: str = "fag_bwd"):
                             if i < ni:
                                 rm[i] = csoft.row_max_for_p(gb.smax[(rowbase + i0 + i) * STATS_LANES],
                                                             gb.ssum[(rowbase + i0 + i) * STATS_LANES])
-                                rr[i] = sat(csoft.row_rsum_for_p(gb.smax[(rowbase + i0 + i) * STATS_LANES],
-                                                                 gb.ssum[(rowbase + i0 + i) * STATS_LANES]))
+                                rr[i] = T.min(csoft.row_rsum_for_p(gb.smax[(rowbase + i0 + i) * STATS_LANES],
+                                                                   gb.ssum[(rowbase + i0 + i) * STATS_LANES]), T.float32(csoft.RR_MAX))
                                 rd[i] = gb.ws[rowbase + i0 + i]
                             else:
                                 rm[i] = T.float32(FLT_MAX)
