@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from . import bench, cache, compile, info, inspect, quickstart, tune
@@ -45,6 +46,16 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
+    interrupted = []
+
+    def on_sigint(signum, frame):
+        # TVM's FFI may turn the KeyboardInterrupt raised inside a callback into a RuntimeError: remember
+        # that the user pressed Ctrl-C so whatever surfaces is reported as an interruption
+        interrupted.append(True)
+        raise KeyboardInterrupt
+
+    if sys.stdin is not None and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, on_sigint)
     try:
         args = build_parser().parse_args(argv)
         return int(args.fn(args) or 0)
@@ -65,10 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, RuntimeError, TimeoutError) as e:
         if debug:
             raise
+        if interrupted:
+            print("fag-tvm: interrupted", file=sys.stderr)
+            return 130
         return _fail(f"{type(e).__name__}: {e}", 2)
     except Exception as e:  # noqa: BLE001 - a bug: one line + how to see more
         if debug:
             raise
+        if interrupted:
+            print("fag-tvm: interrupted", file=sys.stderr)
+            return 130
         return _fail(f"internal error {type(e).__name__}: {e} (run with --debug for the traceback)", 1)
 
 

@@ -30,7 +30,7 @@ from ...kernels.common import mask as cmask
 from ...kernels.common import softmax as csoft
 from ...kernels.common.context import batch_prologue, head_context
 from ...kernels.common.dtype import DType
-from ...kernels.common.finite import nan32, nonfinite, sat, sat_keep_nan
+from ...kernels.common.finite import nan32, sat, sat_keep_nan
 from ...kernels.common.pse import pse_region, slope_of
 from ...kernels.common.score import score_expr
 from ...kernels.common.tir import FLT_MAX, T, ns
@@ -139,29 +139,20 @@ def make_bwd(spec: KernelSpec, knobs, name: str = "fag_bwd"):
     zero_dk_cols = M.make_cols(DP, VEC, zero_tile_body)
     zero_dv_cols = M.make_cols(DVP, VEC, zero_tile_body)
 
-    # ---- poison: scan the task's inputs, or fill its outputs with NaN --------------------------------
-    scan_d = M.make_scan_rows(D, VEC, dt)
-    scan_dv = M.make_scan_rows(DV, VEC, dt)
-    scan_pse = M.make_scan_rows_dyn(VEC, DType("float32") if spec.pse in ("slopes", "slopes_sqrt") else dt)
+    # ---- poison: scan the task's inputs, or fill its outputs with NaN ------------------------------
+    scan = M.make_task_scan(spec, dt, VEC)
     fill_d = M.make_fill_rows(D, VEC)
     fill_dv = M.make_fill_rows(DV, VEC)
 
     @T.macro
-    def scan_inputs(gb, md, n2, acc):
-        for v in T.vectorized(VEC):
-            acc[v] = T.float32(0)
+    def scan_inputs(gb, md, n2, acc, sc):
+        scan.start(acc)
         for g in range(G):
-            scan_d(acc, gb.q, md.q_off + (n2 * G + g) * md.q_sn, md.q_ss, md.sq)
-            scan_dv(acc, gb.dy, md.o_off + (n2 * G + g) * md.o_sn, md.o_ss, md.sq)
-            scan_dv(acc, gb.o, md.o_off + (n2 * G + g) * md.o_sn, md.o_ss, md.sq)
-            for i in range(md.sq):
-                acc[0] = acc[0] + nonfinite(gb.smax[(md.row0 + (n2 * G + g) * md.sq + i) * STATS_LANES]) \
-                    + nonfinite(gb.ssum[(md.row0 + (n2 * G + g) * md.sq + i) * STATS_LANES])
-            if spec.pse != "none":
-                scan_pse(acc, gb.pse, pse_region(spec, md, n2 * G + g).base, pse_region(spec, md, n2 * G + g).stride,
-                         pse_region(spec, md, n2 * G + g).rows, pse_region(spec, md, n2 * G + g).width)
-        scan_d(acc, gb.k, md.k_off + n2 * md.k_sn, md.k_ss, md.skv)
-        scan_dv(acc, gb.v, md.v_off + n2 * md.v_sn, md.v_ss, md.skv)
+            scan.q_rows(acc, gb, md, n2 * G + g)
+            scan.grad_rows(acc, gb, md, n2 * G + g)
+            scan.pse_block(acc, gb, md, n2 * G + g)
+        scan.kv_rows(acc, gb, md, n2)
+        scan.total(acc, sc)
 
     @T.macro
     def poison_outputs(gb, md, n2):
@@ -201,10 +192,7 @@ def make_bwd(spec: KernelSpec, knobs, name: str = "fag_bwd"):
         sc = T.decl_buffer((1,), "float32")  # a mutable scalar (global scope -> stack -> register)
 
         # ---- poison: a non-finite input anywhere in the task -> NaN in every output it owns
-        scan_inputs(gb, md, n2, red)
-        sc[0] = T.float32(0)
-        for v in range(VEC):
-            sc[0] = sc[0] + red[v]
+        scan_inputs(gb, md, n2, red, sc)
         if sc[0] > T.float32(0):
             poison_outputs(gb, md, n2)
         else:

@@ -18,8 +18,8 @@ from ...kernels.common import mask as cmask
 from ...kernels.common import softmax as csoft
 from ...kernels.common.context import batch_prologue, head_context
 from ...kernels.common.dtype import DType
-from ...kernels.common.finite import nan32, nonfinite
-from ...kernels.common.pse import pse_region, slope_of
+from ...kernels.common.finite import nan32
+from ...kernels.common.pse import slope_of
 from ...kernels.common.score import score_expr
 from ...kernels.common.tir import FLT_MAX, T, ns
 from . import microkernels as M
@@ -88,21 +88,16 @@ def make_fwd(spec: KernelSpec, knobs, name: str = "fag_fwd"):
     oout_cols = M.make_cols(DV, VEC, oout_body)
 
     # ---- poison: scan the task's inputs (q rows, k/v rows, pse block), or fill its outputs with NaN
-    scan_d = M.make_scan_rows(D, VEC, dt)
-    scan_dv = M.make_scan_rows(DV, VEC, dt)
-    scan_pse = M.make_scan_rows_dyn(VEC, DType("float32") if spec.pse in ("slopes", "slopes_sqrt") else dt)
+    scan = M.make_task_scan(spec, dt, VEC)
     fill_dv = M.make_fill_rows(DV, VEC)
 
     @T.macro
-    def scan_inputs(gb, md, n, acc):
-        for v in T.vectorized(VEC):
-            acc[v] = T.float32(0)
-        scan_d(acc, gb.q, md.q_off + n * md.q_sn, md.q_ss, md.sq)
-        scan_d(acc, gb.k, md.k_off + (n // G) * md.k_sn, md.k_ss, md.skv)
-        scan_dv(acc, gb.v, md.v_off + (n // G) * md.v_sn, md.v_ss, md.skv)
-        if spec.pse != "none":
-            scan_pse(acc, gb.pse, pse_region(spec, md, n).base, pse_region(spec, md, n).stride,
-                     pse_region(spec, md, n).rows, pse_region(spec, md, n).width)
+    def scan_inputs(gb, md, n, acc, sc):
+        scan.start(acc)
+        scan.q_rows(acc, gb, md, n)
+        scan.kv_rows(acc, gb, md, n // G)
+        scan.pse_block(acc, gb, md, n)
+        scan.total(acc, sc)
 
     @T.macro
     def poison_outputs(gb, md, n):
@@ -130,10 +125,7 @@ def make_fwd(spec: KernelSpec, knobs, name: str = "fag_fwd"):
         red = T.decl_buffer((VEC,), "float32")
         sc = T.decl_buffer((2,), "float32")  # mutable scalars (global scope -> stack -> registers)
 
-        scan_inputs(gb, md, n, red)
-        sc[0] = T.float32(0)
-        for v in range(VEC):
-            sc[0] = sc[0] + red[v]
+        scan_inputs(gb, md, n, red, sc)
         if sc[0] > T.float32(0):
             poison_outputs(gb, md, n)
         else:

@@ -11,9 +11,11 @@ tile passes (hand-written TVMScript macros generated from Python closures).
 """
 from __future__ import annotations
 
+from ...core.abi import STATS_LANES
 from ...kernels.common.dtype import DType
 from ...kernels.common.finite import nonfinite
 from ...kernels.common.mask import band_all_visible
+from ...kernels.common.pse import pse_region
 from ...kernels.common.tir import T, ns, tirx
 
 # ------------------------------------------------------------------------------------------------
@@ -207,6 +209,51 @@ def make_scan_rows_dyn(vec: int, dt: DType):
                 acc[0] = acc[0] + nonfinite(dt.ld(src, base + r * stride + c))
 
     return scan
+
+
+def make_task_scan(spec, dt: DType, vec: int):
+    """Macros that count a task's non-finite inputs into acc[0:vec] and total them into sc[0] (the poison
+    rule of kernels/common/finite): q rows of a head, k/v rows of a KV head, dy/o rows and the stats a
+    backward reads (lane 0), a head's pse block."""
+    rows_d = make_scan_rows(spec.d, vec, dt)
+    rows_dv = make_scan_rows(spec.dv, vec, dt)
+    rows_pse = make_scan_rows_dyn(vec, DType("float32") if spec.pse in ("slopes", "slopes_sqrt") else dt)
+
+    @T.macro
+    def start(acc):
+        for v in T.vectorized(vec):
+            acc[v] = T.float32(0)
+
+    @T.macro
+    def q_rows(acc, gb, md, n):
+        rows_d(acc, gb.q, md.q_off + n * md.q_sn, md.q_ss, md.sq)
+
+    @T.macro
+    def kv_rows(acc, gb, md, n2):
+        rows_d(acc, gb.k, md.k_off + n2 * md.k_sn, md.k_ss, md.skv)
+        rows_dv(acc, gb.v, md.v_off + n2 * md.v_sn, md.v_ss, md.skv)
+
+    @T.macro
+    def grad_rows(acc, gb, md, n):
+        rows_dv(acc, gb.dy, md.o_off + n * md.o_sn, md.o_ss, md.sq)
+        rows_dv(acc, gb.o, md.o_off + n * md.o_sn, md.o_ss, md.sq)
+        for i in range(md.sq):
+            acc[0] = acc[0] + nonfinite(gb.smax[(md.row0 + n * md.sq + i) * STATS_LANES]) \
+                + nonfinite(gb.ssum[(md.row0 + n * md.sq + i) * STATS_LANES])
+
+    @T.macro
+    def pse_block(acc, gb, md, n):
+        if spec.pse != "none":
+            rows_pse(acc, gb.pse, pse_region(spec, md, n).base, pse_region(spec, md, n).stride,
+                     pse_region(spec, md, n).rows, pse_region(spec, md, n).width)
+
+    @T.macro
+    def total(acc, sc):
+        sc[0] = T.float32(0)
+        for v in range(vec):
+            sc[0] = sc[0] + acc[v]
+
+    return ns(start=start, q_rows=q_rows, kv_rows=kv_rows, grad_rows=grad_rows, pse_block=pse_block, total=total)
 
 
 def make_fill_rows(W: int, vec: int):
