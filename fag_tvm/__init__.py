@@ -18,7 +18,7 @@ __all__ = [
 
 def __getattr__(name: str):
     # Lazy submodules that pull in heavier dependencies.
-    if name in ("aclnn", "runtime", "cli", "jit", "package", "targets", "workloads", "testing"):
+    if name in ("aclnn", "runtime", "cli", "jit", "package", "targets", "workloads", "testing", "torch"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)

@@ -3,6 +3,8 @@ array kind (SPEC A9). Compiled targets get their kernels from the JIT cache unle
 package) supplies a kernel provider."""
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Iterator, NamedTuple
@@ -46,6 +48,59 @@ def collect_arrays(query, key, value, dy, kw: dict[str, Any]) -> dict[str, Any]:
         if name in kw:
             arrays[name] = to_numpy(kw[name], name)
     return arrays
+
+
+# ------------------------------------------------------------------------------------------------
+# call plans: a repeated call with the same static signature reuses its validated OpConfig
+
+
+_PLANS: "OrderedDict[tuple, OpConfig]" = OrderedDict()
+_PLANS_MAX = 256
+_PLANS_LOCK = threading.Lock()
+
+
+def _array_sig(name: str, x: Any) -> Any:
+    if x is None:
+        return None
+    if name == "atten_mask":  # compressed masks are validated by content: a new buffer is validated again
+        return x.shape, x.dtype.str, x.__array_interface__["data"][0]
+    return x.shape, x.dtype.str
+
+
+def _scalar_sig(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, float, str, np.integer, np.floating, np.bool_)):
+        return type(v).__name__, v
+    a = np.asarray(v)  # prefix / sequence lengths / start indices: their values shape the config
+    return "array", a.dtype.str, a.shape, tuple(a.reshape(-1).tolist())
+
+
+def validated(direction: str, a: dict[str, Any], scalars: dict[str, Any]) -> OpConfig:
+    """The OpConfig of a call, from the plan cache when the same static signature (array shapes/dtypes, the
+    compressed mask's buffer, every scalar and small integer array) was validated before; else validate()
+    (everything validate() reads is in the key, so a cached plan is exactly what validation would give)."""
+    names = ("query", "key", "value", "dy", *ARRAY_ARGS) if direction == "bwd" else \
+        ("query", "key", "value", "pse_shift", "drop_mask", "padding_mask", "atten_mask")
+    try:
+        key = (direction, tuple(_array_sig(n, a.get(n)) for n in names),
+               tuple((k, _scalar_sig(v)) for k, v in scalars.items()))
+        hash(key)
+    except (TypeError, ValueError):  # unusual argument types: no plan, plain validation (which reports them)
+        key = None
+    if key is not None:
+        with _PLANS_LOCK:
+            cfg = _PLANS.get(key)
+            if cfg is not None:
+                _PLANS.move_to_end(key)
+                return cfg
+    arrays = {n: a.get(n) for n in names[3 if direction == "fwd" else 4:]}
+    cfg = validate(direction, a["query"], a["key"], a["value"], *([a.get("dy")] if direction == "bwd" else []),
+                   **arrays, **scalars)
+    if key is not None:
+        with _PLANS_LOCK:
+            _PLANS[key] = cfg
+            if len(_PLANS) > _PLANS_MAX:
+                _PLANS.popitem(last=False)
+    return cfg
 
 
 def _check_target(target: Any) -> None:
@@ -104,8 +159,7 @@ def flash_attention_score_grad(
                    pre_tokens=pre_tokens, next_tokens=next_tokens, inner_precise=inner_precise,
                    sparse_mode=sparse_mode, pse_type=pse_type, q_start_idx=q_start_idx, kv_start_idx=kv_start_idx,
                    deterministic=deterministic, target=target)
-    cfg = validate("bwd", a["query"], a["key"], a["value"], a.get("dy"),
-                   **{k: a.get(k) for k in ARRAY_ARGS}, **scalars)
+    cfg = validated("bwd", a, scalars)
     conv = output_converter(query)
     if cfg.empty:
         pse = a.get("pse_shift")
@@ -115,10 +169,7 @@ def flash_attention_score_grad(
     check_output_memory(cfg, forward=not cfg.stats_given, backward=True)
     with _out_of_memory_is_fag_error():
         if not cfg.stats_given:
-            fcfg = validate("fwd", a["query"], a["key"], a["value"], **{k: a.get(k) for k in ARRAY_ARGS
-                                                                         if k not in ("softmax_max", "softmax_sum",
-                                                                                      "attention_in")}, **scalars)
-            f = run_forward(fcfg, a, _provider)
+            f = run_forward(validated("fwd", a, scalars), a, _provider)
             a = dict(a, softmax_max=f["softmax_max"], softmax_sum=f["softmax_sum"], attention_in=f["attention_out"])
         g = run_backward(cfg, a, _provider)
     return GradResult(conv(g["dq"]), conv(g["dk"]), conv(g["dv"]), conv(g["dpse"]))
@@ -136,12 +187,11 @@ def flash_attention_score(
     _check_target(target)
     kw = dict(pse_shift=pse_shift, drop_mask=drop_mask, padding_mask=padding_mask, atten_mask=atten_mask)
     a = collect_arrays(query, key, value, None, kw)
-    cfg = validate("fwd", a["query"], a["key"], a["value"], **{k: a.get(k) for k in kw},
-                   head_num=head_num, input_layout=input_layout, prefix=prefix, actual_seq_qlen=actual_seq_qlen,
-                   actual_seq_kvlen=actual_seq_kvlen, scale_value=scale_value, keep_prob=keep_prob,
-                   pre_tokens=pre_tokens, next_tokens=next_tokens, inner_precise=inner_precise,
-                   sparse_mode=sparse_mode, pse_type=pse_type, q_start_idx=q_start_idx, kv_start_idx=kv_start_idx,
-                   deterministic=deterministic, target=target)
+    cfg = validated("fwd", a, dict(
+        head_num=head_num, input_layout=input_layout, prefix=prefix, actual_seq_qlen=actual_seq_qlen,
+        actual_seq_kvlen=actual_seq_kvlen, scale_value=scale_value, keep_prob=keep_prob, pre_tokens=pre_tokens,
+        next_tokens=next_tokens, inner_precise=inner_precise, sparse_mode=sparse_mode, pse_type=pse_type,
+        q_start_idx=q_start_idx, kv_start_idx=kv_start_idx, deterministic=deterministic, target=target))
     conv = output_converter(query)
     empty_out = np.empty((0,), dtype=a["query"].dtype)
     check_output_memory(cfg, forward=True, backward=False)

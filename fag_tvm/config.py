@@ -6,6 +6,7 @@ their own lengths, the padded layouts are B sequences of equal length.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,7 +122,9 @@ class OpConfig:
 # helpers
 
 
-def _dtype_name(a: np.ndarray, param: str) -> str:
+def _dtype_name(a: np.ndarray, param: str, float64_ok: bool = False) -> str:
+    if float64_ok and a.dtype == np.float64:
+        return "float64"  # the float64 oracle only (gradcheck through target="reference")
     name = DTYPE_NAMES.get(a.dtype)
     if name is None:
         raise invalid(param, f"dtype {a.dtype} not supported (float16, bfloat16 or float32)")
@@ -352,14 +355,15 @@ def validate(
                 raise invalid(name, f"only valid with input_layout TND (got layout {layout}); pass None")
 
     # ---- dtypes ----
-    dtype = _dtype_name(query, "query")
+    f64 = target == "reference-f64"  # the oracle at its own precision (torch.autograd.gradcheck)
+    dtype = _dtype_name(query, "query", f64)
     same_dtype = [("key", key), ("value", value)]
     if bwd:
         same_dtype.append(("dy", dy))
         if attention_in is not None:
             same_dtype.append(("attention_in", attention_in))
     for name, t in same_dtype:
-        if _dtype_name(t, name) != dtype:
+        if _dtype_name(t, name, f64) != dtype:
             raise invalid(name, f"dtype {t.dtype} differs from query dtype {query.dtype}")
 
     # ---- ranks and shapes ----
@@ -461,7 +465,7 @@ def validate(
     if bwd and stats_given:
         st_shape = (T, N1, 8) if layout == "TND" else (B, N1, Sq, 8)
         for name, t in (("softmax_max", softmax_max), ("softmax_sum", softmax_sum)):
-            if t.dtype != np.float32:
+            if t.dtype != np.float32 and not (dtype == "float64" and t.dtype == np.float64):
                 raise invalid(name, f"dtype must be float32, got {t.dtype}")
             if tuple(t.shape) != st_shape:
                 raise invalid(name, f"shape {tuple(t.shape)} must be {st_shape}")
@@ -645,7 +649,7 @@ def _check_pse(pse, ptype, dtype, layout, mode, has_mask, B, N1, Sq, Skv, T2, se
                kv_start, empty: bool = False) -> str:
     shape = tuple(pse.shape)
     if ptype in (2, 3):
-        if pse.dtype != np.float32:
+        if pse.dtype != np.float32 and not (dtype == "float64" and pse.dtype == np.float64):
             raise invalid("pse_shift", f"pse_type {ptype} takes float32 alibi slopes, got {pse.dtype}")
         Bn = len(seqs)
         if shape == (N1,):
@@ -664,7 +668,7 @@ def _check_pse(pse, ptype, dtype, layout, mode, has_mask, B, N1, Sq, Skv, T2, se
         if layout == "TND" and not empty and any(s[0] == 0 or s[1] == 0 for s in seqs):
             raise unsupported("pse_shift", "pse with zero-length TND sequences")
         return form
-    if DTYPE_NAMES.get(pse.dtype) != dtype:
+    if (DTYPE_NAMES.get(pse.dtype) if pse.dtype != np.float64 else "float64") != dtype:
         raise invalid("pse_shift", f"pse_type {ptype} pse dtype must equal query dtype {dtype}, got {pse.dtype}")
     if mode == 7 and has_mask:
         raise invalid("pse_shift", "sparse_mode 7 does not take pse")
@@ -715,7 +719,7 @@ def _causal_tokens(batches, tnd: bool) -> bool:
 # memory
 
 
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def output_sizes(cfg: OpConfig, forward: bool, backward: bool) -> list[tuple[str, str, int]]:
@@ -739,6 +743,14 @@ def output_sizes(cfg: OpConfig, forward: bool, backward: bool) -> list[tuple[str
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def machine_memory() -> int:
+    """Total memory of this machine in bytes (read once: it does not change while a process runs)."""
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
 def check_output_memory(cfg: OpConfig, forward: bool, backward: bool) -> None:
     """Refuse (161002) a call whose outputs alone exceed this machine's memory, before anything is allocated.
 
@@ -746,9 +758,7 @@ def check_output_memory(cfg: OpConfig, forward: bool, backward: bool) -> None:
     allocation would fail later with a raw MemoryError."""
     sizes = output_sizes(cfg, forward, backward)
     total = sum(n for _, _, n in sizes)
-    import psutil
-
-    mem = int(psutil.virtual_memory().total)
+    mem = machine_memory()
     if total > mem:
         name, param, n = max(sizes, key=lambda x: x[2])
         parts = ", ".join(f"{o} {b}" for o, _, b in sizes)

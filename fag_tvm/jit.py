@@ -86,21 +86,31 @@ def kernel(target: str | Target, spec: KernelSpec, knobs: Any = None, hw: dict |
 
 
 def provider(target: str | Target) -> KernelProvider:
-    """A kernel provider (spec -> Kernel) backed by this cache, for `target`."""
+    """A kernel provider (spec -> Kernel) backed by this cache, for `target`: the first call of a spec on
+    this machine resolves its knobs (tuning records) and kernel; later calls are one dict lookup."""
     t = _target(target)
     p = _PROVIDERS.get(t.name)
     if p is None or getattr(p, "target", None) is not t:
+        resolved: dict[KernelSpec, Kernel] = {}
+
         def p(spec: KernelSpec) -> Kernel:
-            return kernel(t, spec)
+            k = resolved.get(spec)
+            if k is None:
+                k = resolved[spec] = kernel(t, spec)
+            return k
 
         p.target = t  # type: ignore[attr-defined]
+        p.resolved = resolved  # type: ignore[attr-defined]
         _PROVIDERS[t.name] = p
     return p
 
 
 def clear_memory_cache() -> None:
+    """Forget every loaded kernel (and the providers' resolutions): the next call resolves knobs again."""
     with _LOCK:
         _MEM.clear()
+        for p in _PROVIDERS.values():
+            p.resolved.clear()
 
 
 class _SlowNotice:

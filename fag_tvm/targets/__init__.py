@@ -16,6 +16,7 @@ __all__ = ["Kernel", "KernelProvider", "Target", "register", "unregister", "get"
 
 _BUILTIN = {
     "reference": "fag_tvm.targets.reference:TARGET",
+    "reference-f64": "fag_tvm.targets.reference:TARGET_F64",
     "llvm": "fag_tvm.targets.llvm:TARGET",
 }
 _LOADED: dict[str, Target] = {}

@@ -172,8 +172,9 @@ def poisoned_tasks(cfg: OpConfig, a: dict[str, Any], backward: bool) -> set[tupl
 
 def _clip(x: np.ndarray, dtype) -> np.ndarray:
     """Saturate to the finite range of `dtype` (NaN kept): finite inputs never give inf (SPEC A10)."""
-    hi = float(np.finfo(np.float32).max) if np.dtype(dtype) == np.float32 else \
-        65504.0 if np.dtype(dtype) == np.float16 else 3.3895313892515355e38
+    dt = np.dtype(dtype)
+    hi = float(np.finfo(np.float64).max) if dt == np.float64 else float(np.finfo(np.float32).max) if \
+        dt == np.float32 else 65504.0 if dt == np.float16 else 3.3895313892515355e38
     return np.clip(x, -hi, hi)
 
 
@@ -266,10 +267,11 @@ def _forward(cfg: OpConfig, a: dict[str, Any]) -> dict[str, np.ndarray]:
         rs = slice(stats_row0(cfg, b) + n * bi.sq, stats_row0(cfg, b) + (n + 1) * bi.sq)
         smax[rs] = ssum[rs] = np.nan
     stat_shape = (cfg.T, cfg.N1, 8) if cfg.tnd else (cfg.B, cfg.N1, cfg.Sq, 8)
+    st_dt = np.float64 if cfg.dtype == "float64" else np.float32  # float64 only for the oracle's own precision
     return {
         "attention_out": _clip(out, dt).astype(dt),
-        "softmax_max": np.repeat(smax.astype(np.float32)[:, None], 8, axis=1).reshape(stat_shape),
-        "softmax_sum": np.repeat(ssum.astype(np.float32)[:, None], 8, axis=1).reshape(stat_shape),
+        "softmax_max": np.repeat(smax.astype(st_dt)[:, None], 8, axis=1).reshape(stat_shape),
+        "softmax_sum": np.repeat(ssum.astype(st_dt)[:, None], 8, axis=1).reshape(stat_shape),
         "attention_out_f64": out,
         "softmax_max_f64": np.repeat(smax[:, None], 8, axis=1).reshape(stat_shape),
         "softmax_sum_f64": np.repeat(ssum[:, None], 8, axis=1).reshape(stat_shape),
@@ -389,4 +391,13 @@ class ReferenceTarget(Target):
         return backward_arrays(cfg, a)
 
 
+class ReferenceF64Target(ReferenceTarget):
+    """The same oracle at its own precision: float64 inputs, stats and outputs (validation accepts float64
+    only for this target), so torch.autograd.gradcheck can run through the operator's exact semantics."""
+
+    name = "reference-f64"
+    description = "the float64 oracle taking and returning float64 arrays (for gradcheck)"
+
+
 TARGET = ReferenceTarget()
+TARGET_F64 = ReferenceF64Target()

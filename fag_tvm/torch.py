@@ -1,0 +1,259 @@
+"""PyTorch integration: torch_npu's `npu_fusion_attention` on fag_tvm's kernels, differentiable and
+traceable by torch.compile.
+
+    out, smax, ssum, softmax_out, seed, offset, numels = fag_tvm.torch.npu_fusion_attention(
+        q, k, v, head_num, "BNSD", atten_mask=mask, scale=0.125, keep_prob=0.9, sparse_mode=2)
+    out.sum().backward()          # q.grad, k.grad, v.grad (and pse.grad for an external pse)
+
+* Same argument names, defaults and 7-tuple return as torch_npu (including its spellings `pre_tockens`,
+  `next_tockens`); the V2 extensions `pse_type`, `q_start_idx`, `kv_start_idx` are keyword arguments.
+* Implemented as torch.library custom ops (`fag_tvm::fusion_attention`, `fag_tvm::fusion_attention_grad`,
+  `fag_tvm::drop_mask`) with fake (meta) implementations and a registered autograd formula, so
+  `torch.compile(fullgraph=True)` traces it without graph breaks; the backward forwards every option
+  (masks, tokens, prefix, sparse mode, pse with dpse when pse requires grad, layout, TND lengths) to
+  `fag_tvm.flash_attention_score_grad`. `FusionAttention` is the plain `torch.autograd.Function` path.
+* Dropout: the forward draws the bit mask from (seed, offset) — seed from torch's default generator
+  unless given — and the backward reuses exactly those bits (the mask tensor is saved, never re-drawn);
+  the same seed gives the same mask. seed comes back as an int (a 0-d tensor while torch.compile traces),
+  offset is 0, numels the number of mask bits.
+* Tensors cross zero-copy both ways (DLPack-compatible CPU tensors in, torch tensors out); the target
+  follows the tensors' device: CPU -> "llvm" (override with target=...), CUDA -> "cuda"."""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import api
+from .config import INT32_MAX
+from .errors import invalid
+
+__all__ = ["npu_fusion_attention", "FusionAttention"]
+
+
+# ------------------------------------------------------------------------------------------------
+# tensors <-> arrays (zero copy)
+
+
+def _np(t: Optional[Tensor]) -> Optional[np.ndarray]:
+    if t is None:
+        return None
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        from .arrays import BF16
+
+        return t.contiguous().view(torch.int16).numpy().view(BF16)
+    if t.dtype == torch.bool:
+        return t.contiguous().numpy()
+    return t.contiguous().numpy()
+
+
+def _t(a: Optional[np.ndarray]) -> Tensor:
+    if a is None:
+        return torch.empty(0)
+    a = np.ascontiguousarray(a)
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def _target(t: Tensor, target: str) -> str:
+    if target:
+        return target
+    return "cuda" if t.device.type == "cuda" else "llvm"
+
+
+def _list(x: Any) -> Optional[list[int]]:
+    if x is None:
+        return None
+    if isinstance(x, Tensor):
+        return [int(v) for v in x.reshape(-1).tolist()]
+    if isinstance(x, (int, np.integer)):
+        return [int(x)]
+    return [int(v) for v in np.asarray(x).reshape(-1)]
+
+
+def _opt(x: Optional[list[int]]) -> Optional[np.ndarray]:
+    return None if x is None else np.asarray(x, dtype=np.int64)
+
+
+def _kwargs(head_num, input_layout, scale, keep_prob, pre_tokens, next_tokens, inner_precise, prefix,
+            actual_seq_qlen, actual_seq_kvlen, sparse_mode, pse_type, q_start_idx, kv_start_idx, target) -> dict:
+    return dict(head_num=head_num, input_layout=input_layout, scale_value=scale, keep_prob=keep_prob,
+                pre_tokens=pre_tokens, next_tokens=next_tokens, inner_precise=inner_precise, prefix=_opt(prefix),
+                actual_seq_qlen=_opt(actual_seq_qlen), actual_seq_kvlen=_opt(actual_seq_kvlen),
+                sparse_mode=sparse_mode, pse_type=pse_type, q_start_idx=_opt(q_start_idx),
+                kv_start_idx=_opt(kv_start_idx), target=target)
+
+
+# ------------------------------------------------------------------------------------------------
+# shapes (for the fake implementations: no data)
+
+
+def _out_shape(query: Tensor, key: Tensor, value: Tensor, head_num: int, layout: str) -> list[int]:
+    if layout in ("BSH", "SBH"):
+        d = query.shape[-1] // head_num
+        n2 = key.shape[-1] // d
+        dv = value.shape[-1] // n2
+        return [query.shape[0], query.shape[1], head_num * dv]
+    return [*query.shape[:-1], value.shape[-1]]
+
+
+def _stats_shape(query: Tensor, head_num: int, layout: str) -> list[int]:
+    if layout == "TND":
+        return [query.shape[0], head_num, 8]
+    b, s = {"BSH": (0, 1), "SBH": (1, 0), "BSND": (0, 1), "BNSD": (0, 2)}.get(layout, (0, 1))
+    return [query.shape[b], head_num, query.shape[s], 8]
+
+
+# ------------------------------------------------------------------------------------------------
+# custom ops
+
+
+@torch.library.custom_op("fag_tvm::drop_mask", mutates_args=())
+def _drop_mask(numels: int, keep_prob: float, seed: int, offset: int) -> tuple[Tensor, Tensor]:
+    """(packed uint8 keep-bits of `numels` elements, the seed used); seed < 0 draws one from torch's default
+    generator. The same (seed, offset) always gives the same bits."""
+    if seed < 0:
+        seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
+    keep = np.random.default_rng([seed, offset]).random(numels) < keep_prob
+    return torch.from_numpy(np.packbits(keep, bitorder="little")), torch.tensor(seed, dtype=torch.int64)
+
+
+@_drop_mask.register_fake
+def _drop_mask_fake(numels, keep_prob, seed, offset):
+    return torch.empty((numels + 7) // 8, dtype=torch.uint8), torch.empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op("fag_tvm::fusion_attention", mutates_args=())
+def _fwd(query: Tensor, key: Tensor, value: Tensor, pse: Optional[Tensor], atten_mask: Optional[Tensor],
+         drop_mask: Optional[Tensor], head_num: int, input_layout: str, scale: float, keep_prob: float,
+         pre_tokens: int, next_tokens: int, inner_precise: int, prefix: Optional[list[int]],
+         actual_seq_qlen: Optional[list[int]], actual_seq_kvlen: Optional[list[int]], sparse_mode: int,
+         pse_type: int, q_start_idx: Optional[list[int]], kv_start_idx: Optional[list[int]],
+         target: str) -> tuple[Tensor, Tensor, Tensor]:
+    kw = _kwargs(head_num, input_layout, scale, keep_prob, pre_tokens, next_tokens, inner_precise, prefix,
+                 actual_seq_qlen, actual_seq_kvlen, sparse_mode, pse_type, q_start_idx, kv_start_idx,
+                 _target(query, target))
+    f = api.flash_attention_score(_np(query), _np(key), _np(value), pse_shift=_np(pse), atten_mask=_np(atten_mask),
+                                  drop_mask=_np(drop_mask), **kw)
+    return _t(f.attention_out), _t(f.softmax_max), _t(f.softmax_sum)
+
+
+@_fwd.register_fake
+def _fwd_fake(query, key, value, pse, atten_mask, drop_mask, head_num, input_layout, *args):
+    st = _stats_shape(query, head_num, input_layout)
+    return (query.new_empty(_out_shape(query, key, value, head_num, input_layout)),
+            query.new_empty(st, dtype=torch.float32), query.new_empty(st, dtype=torch.float32))
+
+
+@torch.library.custom_op("fag_tvm::fusion_attention_grad", mutates_args=())
+def _bwd(dy: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, softmax_max: Tensor,
+         softmax_sum: Tensor, pse: Optional[Tensor], atten_mask: Optional[Tensor], drop_mask: Optional[Tensor],
+         head_num: int, input_layout: str, scale: float, keep_prob: float, pre_tokens: int, next_tokens: int,
+         inner_precise: int, prefix: Optional[list[int]], actual_seq_qlen: Optional[list[int]],
+         actual_seq_kvlen: Optional[list[int]], sparse_mode: int, pse_type: int, q_start_idx: Optional[list[int]],
+         kv_start_idx: Optional[list[int]], target: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    kw = _kwargs(head_num, input_layout, scale, keep_prob, pre_tokens, next_tokens, inner_precise, prefix,
+                 actual_seq_qlen, actual_seq_kvlen, sparse_mode, pse_type, q_start_idx, kv_start_idx,
+                 _target(query, target))
+    g = api.flash_attention_score_grad(
+        _np(query), _np(key), _np(value), _np(dy), pse_shift=_np(pse), atten_mask=_np(atten_mask),
+        drop_mask=_np(drop_mask), softmax_max=_np(softmax_max), softmax_sum=_np(softmax_sum),
+        attention_in=_np(out), **kw)
+    return _t(g.dq), _t(g.dk), _t(g.dv), _t(g.dpse) if g.dpse is not None else query.new_empty(0)
+
+
+@_bwd.register_fake
+def _bwd_fake(dy, query, key, value, out, smax, ssum, pse, *args):
+    dpse = pse.new_empty(pse.shape) if pse is not None and pse.dim() != 1 or (pse is not None and pse.dtype != torch.float32) \
+        else query.new_empty(0)
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), dpse
+
+
+_SCALARS = ("head_num", "input_layout", "scale", "keep_prob", "pre_tokens", "next_tokens", "inner_precise", "prefix",
+            "actual_seq_qlen", "actual_seq_kvlen", "sparse_mode", "pse_type", "q_start_idx", "kv_start_idx", "target")
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    query, key, value, pse, atten_mask, drop_mask = inputs[:6]
+    out, smax, ssum = output
+    ctx.save_for_backward(query, key, value, out, smax, ssum, pse, atten_mask, drop_mask)
+    ctx.scalars = inputs[6:]
+    ctx.pse_grad = pse is not None and pse.requires_grad
+
+
+def _backward(ctx, grad_out, grad_smax, grad_ssum):
+    query, key, value, out, smax, ssum, pse, atten_mask, drop_mask = ctx.saved_tensors
+    dq, dk, dv, dpse = _bwd(grad_out.contiguous(), query, key, value, out, smax, ssum, pse, atten_mask, drop_mask,
+                            *ctx.scalars)
+    return (dq, dk, dv, dpse if ctx.pse_grad and dpse.numel() else None, None, None,
+            *([None] * len(_SCALARS)))
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# the plain autograd.Function path (older torch, or code that wants no custom op)
+
+
+class FusionAttention(torch.autograd.Function):
+    """forward(query, key, value, pse, atten_mask, drop_mask, *scalars) -> (out, softmax_max, softmax_sum):
+    the same ops called directly, for torch versions without torch.library.custom_op / compile."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, pse, atten_mask, drop_mask, *scalars):
+        out, smax, ssum = _fwd(query, key, value, pse, atten_mask, drop_mask, *scalars)
+        _setup_context(ctx, (query, key, value, pse, atten_mask, drop_mask, *scalars), (out, smax, ssum))
+        ctx.mark_non_differentiable(smax, ssum)
+        return out, smax, ssum
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_smax, grad_ssum):
+        return _backward(ctx, grad_out, grad_smax, grad_ssum)
+
+
+# ------------------------------------------------------------------------------------------------
+# the public op
+
+
+def _mask_bits(query: Tensor, key: Tensor, head_num: int, layout: str, actual_seq_qlen, actual_seq_kvlen) -> int:
+    if layout == "TND":
+        cq, ck = np.asarray(_list(actual_seq_qlen)), np.asarray(_list(actual_seq_kvlen))
+        lq, lk = np.diff(np.concatenate([[0], cq])), np.diff(np.concatenate([[0], ck]))
+        return int(head_num * np.sum(lq * lk))
+    sq = _stats_shape(query, head_num, layout)
+    skv = _stats_shape(key, 1, layout)[2]
+    return int(sq[0] * head_num * sq[2] * skv)
+
+
+def npu_fusion_attention(query: Tensor, key: Tensor, value: Tensor, head_num: int, input_layout: str,
+                         pse: Optional[Tensor] = None, padding_mask: Optional[Tensor] = None,
+                         atten_mask: Optional[Tensor] = None, scale: float = 1.0, keep_prob: float = 1.0,
+                         pre_tockens: int = INT32_MAX, next_tockens: int = INT32_MAX, inner_precise: int = 0,
+                         prefix: Optional[Sequence[int]] = None, actual_seq_qlen: Optional[Sequence[int]] = None,
+                         actual_seq_kvlen: Optional[Sequence[int]] = None, sparse_mode: int = 0,
+                         gen_mask_parallel: bool = True, sync: bool = False, *, pse_type: int = 1,
+                         q_start_idx: Optional[Sequence[int]] = None, kv_start_idx: Optional[Sequence[int]] = None,
+                         seed: Optional[int] = None, target: str = "", use_custom_op: bool = True):
+    """torch_npu.npu_fusion_attention on fag_tvm: returns (attention_out, softmax_max, softmax_sum,
+    softmax_out, seed, offset, numels). Differentiable in query, key, value and pse (external forms).
+    gen_mask_parallel and sync are accepted for compatibility (they only concern NPU streams)."""
+    if padding_mask is not None:
+        raise invalid("padding_mask", "unsupported: reserved in CANN (not used by the operator); pass None")
+    scalars = (int(head_num), str(input_layout), float(scale), float(keep_prob), int(pre_tockens), int(next_tockens),
+               int(inner_precise), _list(prefix), _list(actual_seq_qlen), _list(actual_seq_kvlen), int(sparse_mode),
+               int(pse_type), _list(q_start_idx), _list(kv_start_idx), str(target))
+    drop_mask, seed_out, numels = None, 0, 0
+    if keep_prob < 1.0:
+        numels = _mask_bits(query, key, int(head_num), input_layout, actual_seq_qlen, actual_seq_kvlen)
+        drop_mask, seed_t = _drop_mask(numels, float(keep_prob), -1 if seed is None else int(seed), 0)
+        seed_out = seed_t if torch.compiler.is_compiling() else int(seed_t)
+    if use_custom_op:
+        out, smax, ssum = _fwd(query, key, value, pse, atten_mask, drop_mask, *scalars)
+    else:
+        out, smax, ssum = FusionAttention.apply(query, key, value, pse, atten_mask, drop_mask, *scalars)
+    return out, smax, ssum, query.new_empty(0), seed_out, 0, numels

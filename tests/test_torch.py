@@ -1,0 +1,215 @@
+"""fag_tvm.torch.npu_fusion_attention: torch_npu's interface, differentiable, traceable by torch.compile.
+
+* gradcheck in float64 through the float64 oracle (target "reference-f64") on small shapes: plain, GQA,
+  TND, pse BNSS with dpse, a sparse mode, dropout with a fixed seed;
+* gradients on llvm against torch's SDPA where SDPA can express the call (causal, GQA, float masks) at
+  SPEC A10 tolerances;
+* torch.compile(fullgraph=True) of a module using the op: forward and backward, zero graph breaks;
+* meta tensors, the 7-tuple, dropout bits reproduced exactly by the backward, the autograd.Function path."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fag_tvm
+from fag_tvm import masks
+from fag_tvm.testing import a10_problems
+
+ft = pytest.importorskip("fag_tvm.torch")
+
+
+def _t(shape, dtype=torch.float64, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_()
+
+
+def _cm():
+    return torch.from_numpy(masks.compressed_causal_mask())
+
+
+# ------------------------------------------------------------------------------------------------
+# gradcheck through the float64 oracle
+
+
+@pytest.mark.parametrize("case", ["plain", "gqa", "tnd", "pse_dpse", "causal", "dropout", "band_mode4"])
+def test_gradcheck_float64(case):
+    kw = dict(scale=0.4, target="reference-f64")
+    if case == "tnd":
+        q, k, v = _t((7, 2, 4), seed=1), _t((9, 1, 4), seed=2), _t((9, 1, 3), seed=3)
+        kw.update(actual_seq_qlen=[3, 7], actual_seq_kvlen=[4, 9], atten_mask=_cm(), sparse_mode=3)
+        args, layout, n = (q, k, v), "TND", 2
+    else:
+        n2 = 1 if case == "gqa" else 2
+        q, k, v = _t((1, 2, 5, 4), seed=1), _t((1, n2, 6, 4), seed=2), _t((1, n2, 6, 4), seed=3)
+        args, layout, n = (q, k, v), "BNSD", 2
+        if case == "pse_dpse":
+            kw["pse"] = _t((1, 2, 5, 6), seed=4, scale=0.3)
+        elif case == "causal":
+            kw.update(atten_mask=_cm(), sparse_mode=3)
+        elif case == "band_mode4":
+            kw.update(atten_mask=_cm(), sparse_mode=4, pre_tockens=2, next_tockens=1)
+        elif case == "dropout":
+            kw.update(keep_prob=0.7, seed=1234)  # a fixed seed: the same bits in every call gradcheck makes
+    pse = kw.pop("pse", None)
+
+    def f(*xs):
+        return ft.npu_fusion_attention(*xs[:3], n, layout, pse=xs[3] if len(xs) > 3 else None, **kw)[0]
+
+    inputs = args + ((pse,) if pse is not None else ())
+    assert torch.autograd.gradcheck(f, inputs, atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# llvm vs torch SDPA
+
+
+def _sdpa_case(case, dtype=torch.float32):
+    B, N, S, D = 2, 4, 40, 16
+    q, k, v = _t((B, N, S, D), dtype, 1), _t((B, N, S, D), dtype, 2), _t((B, N, S, D), dtype, 3)
+    kw, skw = dict(scale=D ** -0.5), dict(scale=D ** -0.5)
+    ours_kv = (k, v)
+    if case == "causal":
+        kw.update(atten_mask=_cm(), sparse_mode=2)
+        skw["is_causal"] = True
+    elif case == "gqa":
+        k2, v2 = _t((B, 2, S, D), dtype, 2), _t((B, 2, S, D), dtype, 3)
+        ours_kv = (k2, v2)
+        skw["enable_gqa"] = True
+        k, v = k2, v2
+    elif case == "float_mask":
+        fm = (torch.randn(B, N, S, S, generator=torch.Generator().manual_seed(5)) * 0.5).to(dtype)
+        kw.update(pse=fm, pse_type=0)  # S = scale*QK^T + pse: SDPA's additive float mask
+        skw["attn_mask"] = fm
+    return q, ours_kv, (k, v), kw, skw
+
+
+@pytest.mark.parametrize("case", ["causal", "gqa", "float_mask"])
+def test_gradients_match_sdpa_on_llvm(case):
+    q, (k, v), (sk, sv), kw, skw = _sdpa_case(case)
+    out = ft.npu_fusion_attention(q, k, v, q.shape[1], "BNSD", **kw)[0]
+    g = torch.randn_like(out)
+    out.backward(g)
+    q2, k2, v2 = (x.detach().double().requires_grad_() for x in (q, sk, sv))
+    skw2 = {x: (y.double() if isinstance(y, torch.Tensor) else y) for x, y in skw.items()}
+    ref = F.scaled_dot_product_attention(q2, k2, v2, **skw2)
+    ref.backward(g.double())
+    for name, a, b in (("attention_out", out, ref), ("dq", q.grad, q2.grad), ("dk", k.grad, k2.grad),
+                       ("dv", v.grad, v2.grad)):
+        probs = a10_problems(name, a.detach().numpy(), b.detach().numpy(), "float32")
+        assert not probs, (case, probs)
+    if case == "float_mask":
+        assert kw["pse"].grad is None  # pse given without requires_grad: no dpse
+
+
+def test_dpse_when_pse_requires_grad():
+    q, k, v = _t((1, 2, 12, 8), torch.float32, 1), _t((1, 2, 12, 8), torch.float32, 2), _t((1, 2, 12, 8), torch.float32, 3)
+    pse = _t((1, 2, 12, 12), torch.float32, 4, 0.2)
+    out = ft.npu_fusion_attention(q, k, v, 2, "BNSD", pse=pse, scale=0.3)[0]
+    out.sum().backward()
+    r = fag_tvm.reference.flash_attention_score_grad(
+        q.detach().numpy(), k.detach().numpy(), v.detach().numpy(), np.ones((1, 2, 12, 8), np.float32),
+        head_num=2, input_layout="BNSD", pse_shift=pse.detach().numpy(), scale_value=0.3)
+    assert not a10_problems("dpse", pse.grad.numpy(), r.dpse, "float32")
+
+
+# ------------------------------------------------------------------------------------------------
+# interface
+
+
+def test_seven_outputs_and_torch_npu_spellings():
+    q, k, v = (_t((1, 2, 8, 4), torch.float32, s) for s in range(3))
+    res = ft.npu_fusion_attention(q, k, v, 2, "BNSD", None, None, None, 0.5, 1.0, 2147483647, 2147483647, 0,
+                                  None, None, None, 0, True, False)
+    out, smax, ssum, sout, seed, offset, numels = res
+    assert out.shape == q.shape and smax.shape == (1, 2, 8, 8) and smax.dtype == torch.float32
+    assert sout.numel() == 0 and (seed, offset, numels) == (0, 0, 0)
+    assert out.grad_fn is not None and not smax.requires_grad
+    r = ft.npu_fusion_attention(q, k, v, head_num=2, input_layout="BNSD", pre_tockens=3, next_tockens=0,
+                                atten_mask=_cm(), sparse_mode=4, scale=0.5)
+    assert r[0].shape == q.shape
+
+
+def test_meta_tensors_give_shapes():
+    q, k, v = (torch.empty((2, 16, 4 * 8), device="meta") for _ in range(3))
+    out, smax, ssum, *_ = ft.npu_fusion_attention(q, k, v, 4, "BSH", scale=0.3)
+    assert out.device.type == "meta" and out.shape == (2, 16, 32) and smax.shape == (2, 4, 16, 8)
+
+
+def test_dropout_bits_reused_by_the_backward():
+    """Same seed -> same bits; the backward uses the forward's bits (checked against the reference run on the
+    mask the op drew)."""
+    q, k, v = (_t((1, 2, 16, 8), torch.float32, s) for s in range(3))
+    r1 = ft.npu_fusion_attention(q, k, v, 2, "BNSD", scale=0.3, keep_prob=0.6, seed=77)
+    r2 = ft.npu_fusion_attention(q, k, v, 2, "BNSD", scale=0.3, keep_prob=0.6, seed=77)
+    assert torch.equal(r1[0], r2[0]) and r1[4] == 77 and r1[6] == 2 * 16 * 16
+    r3 = ft.npu_fusion_attention(q, k, v, 2, "BNSD", scale=0.3, keep_prob=0.6)
+    assert isinstance(r3[4], int) and r3[4] >= 0
+    r1[0].sum().backward()
+    mask, _ = torch.ops.fag_tvm.drop_mask(r1[6], 0.6, 77, 0)
+    ref = fag_tvm.reference.flash_attention_score_grad(
+        q.detach().numpy(), k.detach().numpy(), v.detach().numpy(), np.ones((1, 2, 16, 8), np.float32),
+        head_num=2, input_layout="BNSD", scale_value=0.3, keep_prob=0.6, drop_mask=mask.numpy())
+    assert not a10_problems("dq", q.grad.numpy(), ref.dq, "float32")
+
+
+def test_autograd_function_path_matches_the_custom_op():
+    q, k, v = (_t((1, 2, 10, 8), torch.float32, s) for s in range(3))
+    a = ft.npu_fusion_attention(q, k, v, 2, "BNSD", scale=0.3, atten_mask=_cm(), sparse_mode=2)[0]
+    a.sum().backward()
+    grads = [x.grad.clone() for x in (q, k, v)]
+    for x in (q, k, v):
+        x.grad = None
+    b = ft.npu_fusion_attention(q, k, v, 2, "BNSD", scale=0.3, atten_mask=_cm(), sparse_mode=2,
+                                use_custom_op=False)[0]
+    b.sum().backward()
+    assert torch.equal(a, b) and all(torch.equal(x.grad, g) for x, g in zip((q, k, v), grads))
+
+
+def test_custom_op_passes_opcheck():
+    q, k, v = (_t((1, 2, 8, 4), torch.float32, s) for s in range(3))
+    args = (q, k, v, None, None, None, 2, "BNSD", 0.5, 1.0, 2147483647, 2147483647, 0, None, None, None, 0, 1,
+            None, None, "")
+    torch.library.opcheck(torch.ops.fag_tvm.fusion_attention.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, d=16, n=2):
+        super().__init__()
+        self.n = n
+        self.qkv = torch.nn.Linear(d, 3 * d)
+        self.o = torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        a = ft.npu_fusion_attention(q.contiguous(), k.contiguous(), v.contiguous(), self.n, "BSH",
+                                    atten_mask=_cm(), sparse_mode=2, scale=(d // self.n) ** -0.5)[0]
+        return self.o(a)
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = _Block()
+    x = torch.randn(2, 12, 16)
+    eager = m(x)
+    eager.sum().backward()
+    ge = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    cm = torch.compile(m, fullgraph=True, backend="aot_eager")
+    y = cm(x)
+    y.sum().backward()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert torch.allclose(y, eager, atol=1e-6)
+    for p, g in zip(m.parameters(), ge):
+        assert torch.allclose(p.grad, g, atol=1e-5)
