@@ -1,36 +1,43 @@
-"""Host overhead per call for a tiny shape (B=1, N=1, S=16, D=16, fp32, llvm): the plain API (NumPy and
-torch tensors in) and the torch op (forward + backward), next to the kernels alone and to torch's SDPA.
+"""Host overhead per call for a tiny shape (B=1, N=1, S=16, D=16, fp32, BNSD, llvm): the plain API and the
+torch op, next to the kernels alone (pre-packed arguments) and to torch's SDPA on the same shape.
 
-Repeated calls of the same shape reuse a validated call plan (fag_tvm.api.validated), the resolved kernel
-and the packed metadata; what remains is argument conversion, output allocation and the FFI call.
+A repeated call of the same shape reuses its validated call plan (fag_tvm.api.validated), the resolved
+kernel, the packed metadata and the output layout; what remains is argument conversion, one output
+allocation and the FFI call. "host overhead" = call time - the kernel alone (same run).
 
-    python benchmarks/overhead.py [--calls 3000] [--json bench_results/overhead.json]
+Timing: `--batches` batches of `--calls` calls each; the table gives the fastest batch (what the code
+costs) and the median batch (what this machine's noise adds: a shared 2-core VM varies by +-30%).
+
+    python benchmarks/overhead.py [--calls 300] [--batches 25] [--json bench_results/overhead.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import time
 
 import numpy as np
 
 
-def per_call_us(fn, calls: int, warm: int = 100) -> float:
+def batch_us(fn, calls: int, batches: int, warm: int = 200) -> tuple[float, float]:
+    """(fastest, median) per-call microseconds over `batches` batches of `calls` calls."""
     for _ in range(warm):
         fn()
-    best = float("inf")
-    for _ in range(3):  # best of three batches: noise from other processes only ever adds time
+    per = []
+    for _ in range(batches):
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
-        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
-    return best
+        per.append((time.perf_counter() - t0) / calls * 1e6)
+    return min(per), statistics.median(per)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--calls", type=int, default=3000)
+    p.add_argument("--calls", type=int, default=300)
+    p.add_argument("--batches", type=int, default=25)
     p.add_argument("--json", default="bench_results/overhead.json")
     args = p.parse_args()
     import torch
@@ -42,6 +49,8 @@ def main() -> int:
     from fag_tvm.config import validate
     from fag_tvm.core.abi import kernel_spec
     from fag_tvm.core.buffers import ensure_aligned
+    from fag_tvm.targets.llvm import launch
+    from fag_tvm.targets.llvm.measure import _Capture
 
     torch.set_num_threads(int(os.environ.get("TVM_NUM_THREADS", "2")))
     rng = np.random.default_rng(0)
@@ -49,43 +58,67 @@ def main() -> int:
     kw = dict(head_num=1, input_layout="BNSD", scale_value=0.25)
     f = fag_tvm.flash_attention_score(q, k, v, **kw)
     st = dict(softmax_max=f.softmax_max, softmax_sum=f.softmax_sum, attention_in=ensure_aligned(f.attention_out))
-    rows = {}
-    rows["api forward (NumPy)"] = per_call_us(lambda: fag_tvm.flash_attention_score(q, k, v, **kw), args.calls)
-    rows["api backward (NumPy)"] = per_call_us(
-        lambda: fag_tvm.flash_attention_score_grad(q, k, v, dy, **st, **kw), args.calls)
+    timed = {}
+
+    def row(name, fn):
+        timed[name] = batch_us(fn, args.calls, args.batches)
+
+    # the kernels alone, called with the arguments the launcher packs (what the host work adds to)
+    llvm = targets.get("llvm")
+    for direction, cfg, a in (
+            ("fwd", validate("fwd", q, k, v, **kw), dict(query=q, key=k, value=v)),
+            ("bwd", validate("bwd", q, k, v, dy, **st, **kw), dict(query=q, key=k, value=v, dy=dy, **st))):
+        cap = _Capture(kernel_spec(cfg, direction))
+        (launch.forward_arrays if direction == "fwd" else launch.backward_arrays)(cfg, a, lambda s, c=cap: c)
+        fn = jit.kernel(llvm, kernel_spec(cfg, direction)).functions["main"]
+        row(f"{direction} kernel alone (pre-packed)", lambda fn=fn, c=cap: fn(*c.args))
+    row("api forward (NumPy)", lambda: fag_tvm.flash_attention_score(q, k, v, **kw))
+    row("api backward (NumPy)", lambda: fag_tvm.flash_attention_score_grad(q, k, v, dy, **st, **kw))
     tq, tk, tv, tdy = (torch.from_numpy(x) for x in (q, k, v, dy))
     tst = {x: torch.from_numpy(y) for x, y in st.items()}
-    rows["api backward (torch tensors)"] = per_call_us(
-        lambda: fag_tvm.flash_attention_score_grad(tq, tk, tv, tdy, **tst, **kw), args.calls)
-    # the kernels alone, called with pre-packed arguments (what the host work above adds to)
-    llvm = targets.get("llvm")
-    cfg = validate("bwd", q, k, v, dy, **st, **kw)
-    from fag_tvm.targets.llvm import launch
-    from fag_tvm.targets.llvm.measure import _Capture
-
-    cap = _Capture(kernel_spec(cfg, "bwd"))
-    launch.backward_arrays(cfg, dict(query=q, key=k, value=v, dy=dy, **st), lambda s: cap)
-    fn = jit.kernel(llvm, kernel_spec(cfg, "bwd")).functions["main"]
-    rows["backward kernel alone (pre-packed, no checks)"] = per_call_us(lambda: fn(*cap.args), args.calls)
-    # the torch op, forward + backward (autograd), and SDPA on the same shape
+    row("api backward (torch tensors)", lambda: fag_tvm.flash_attention_score_grad(tq, tk, tv, tdy, **tst, **kw))
     xq, xk, xv = (torch.from_numpy(x.copy()).requires_grad_() for x in (q, k, v))
 
-    def op_step():
-        out = ft.npu_fusion_attention(xq, xk, xv, 1, "BNSD", scale=0.25)[0]
-        out.backward(tdy)
+    def op_forward():
+        with torch.no_grad():
+            ft.npu_fusion_attention(xq, xk, xv, 1, "BNSD", scale=0.25)
 
-    rows["torch op forward + backward"] = per_call_us(op_step, max(300, args.calls // 5))
+    def op_step():
+        ft.npu_fusion_attention(xq, xk, xv, 1, "BNSD", scale=0.25)[0].backward(tdy)
+
+    def op_step_custom_op():
+        ft.npu_fusion_attention(xq, xk, xv, 1, "BNSD", scale=0.25, use_custom_op=True)[0].backward(tdy)
+
+    def sdpa_forward():
+        with torch.no_grad():
+            F.scaled_dot_product_attention(xq, xk, xv, scale=0.25)
 
     def sdpa_step():
-        out = F.scaled_dot_product_attention(xq, xk, xv, scale=0.25)
-        out.backward(tdy)
+        F.scaled_dot_product_attention(xq, xk, xv, scale=0.25).backward(tdy)
 
-    rows["torch SDPA forward + backward (peer)"] = per_call_us(sdpa_step, max(300, args.calls // 5))
-    for name, us in rows.items():
-        print(f"{name:40s} {us:9.1f} us per call")
+    row("torch op forward (no grad)", op_forward)
+    row("torch op forward + backward (eager)", op_step)
+    row("torch op forward + backward (custom op path)", op_step_custom_op)
+    row("SDPA forward (no grad, peer)", sdpa_forward)
+    row("SDPA forward + backward (peer)", sdpa_step)
+
+    kernel = {"fwd": timed["fwd kernel alone (pre-packed)"][0], "bwd": timed["bwd kernel alone (pre-packed)"][0]}
+    overhead = {
+        "api forward (NumPy)": kernel["fwd"], "api backward (NumPy)": kernel["bwd"],
+        "api backward (torch tensors)": kernel["bwd"], "torch op forward (no grad)": kernel["fwd"],
+        "torch op forward + backward (eager)": kernel["fwd"] + kernel["bwd"],
+        "torch op forward + backward (custom op path)": kernel["fwd"] + kernel["bwd"]}
+    print(f"{'B=1 N=1 S=16 D=16 fp32 (us per call)':46s} {'fastest':>9s} {'median':>9s} {'host overhead':>14s}")
+    result = {}
+    for name, (fast, med) in timed.items():
+        host = fast - overhead[name] if name in overhead else None
+        result[name] = {"fastest_us": round(fast, 2), "median_us": round(med, 2),
+                        "host_overhead_us": None if host is None else round(host, 2)}
+        print(f"{name:46s} {fast:9.1f} {med:9.1f} {'' if host is None else f'{host:14.1f}'}")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as fh:
-        json.dump({"shape": "B1 N1 S16 D16 fp32 BNSD", "us_per_call": rows}, fh, indent=1)
+        json.dump({"shape": "B1 N1 S16 D16 fp32 BNSD", "calls_per_batch": args.calls, "batches": args.batches,
+                   "torch": torch.__version__, "rows": result}, fh, indent=1)
     print(f"wrote {args.json}")
     return 0
 

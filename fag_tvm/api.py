@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from . import targets
 from .arrays import output_converter, to_numpy
 from .config import INT32_MAX, OpConfig, check_output_memory, validate
+from .core.buffers import data_ptr
 from .errors import invalid
 
 
@@ -59,14 +59,6 @@ _PLANS_MAX = 256
 _PLANS_LOCK = threading.Lock()
 
 
-def _array_sig(name: str, x: Any) -> Any:
-    if x is None:
-        return None
-    if name == "atten_mask":  # compressed masks are validated by content: a new buffer is validated again
-        return x.shape, x.dtype.str, x.__array_interface__["data"][0]
-    return x.shape, x.dtype.str
-
-
 def _scalar_sig(v: Any) -> Any:
     if v is None or isinstance(v, (bool, int, float, str, np.integer, np.floating, np.bool_)):
         return type(v).__name__, v
@@ -74,24 +66,40 @@ def _scalar_sig(v: Any) -> Any:
     return "array", a.dtype.str, a.shape, tuple(a.reshape(-1).tolist())
 
 
+_BWD_NAMES = ("query", "key", "value", "dy", *ARRAY_ARGS)
+_FWD_NAMES = ("query", "key", "value", "pse_shift", "drop_mask", "padding_mask", "atten_mask")
+
+
+def _plan_key(direction: str, names: tuple[str, ...], a: dict[str, Any], scalars: dict[str, Any]) -> tuple | None:
+    """The static signature of a call, or None where it cannot be hashed (unusual argument types)."""
+    get = a.get
+    arrays = tuple([None if x is None else (x.shape, x.dtype) for x in map(get, names)])
+    mask = get("atten_mask")  # compressed masks are validated by content: a new buffer is validated again
+    vals = tuple(scalars.values())
+    key = (direction, arrays, None if mask is None else data_ptr(mask), vals, tuple(map(type, vals)))
+    try:
+        hash(key)
+        return key
+    except TypeError:  # prefix / sequence lengths / start indices given as lists or arrays: key their values
+        pass
+    try:
+        key = (direction, arrays, key[2], tuple((k, _scalar_sig(v)) for k, v in scalars.items()))
+        hash(key)
+        return key
+    except (TypeError, ValueError):
+        return None
+
+
 def validated(direction: str, a: dict[str, Any], scalars: dict[str, Any]) -> OpConfig:
     """The OpConfig of a call, from the plan cache when the same static signature (array shapes/dtypes, the
     compressed mask's buffer, every scalar and small integer array) was validated before; else validate()
     (everything validate() reads is in the key, so a cached plan is exactly what validation would give)."""
-    names = ("query", "key", "value", "dy", *ARRAY_ARGS) if direction == "bwd" else \
-        ("query", "key", "value", "pse_shift", "drop_mask", "padding_mask", "atten_mask")
-    try:
-        key = (direction, tuple(_array_sig(n, a.get(n)) for n in names),
-               tuple((k, _scalar_sig(v)) for k, v in scalars.items()))
-        hash(key)
-    except (TypeError, ValueError):  # unusual argument types: no plan, plain validation (which reports them)
-        key = None
+    names = _BWD_NAMES if direction == "bwd" else _FWD_NAMES
+    key = _plan_key(direction, names, a, scalars)
     if key is not None:
-        with _PLANS_LOCK:
-            cfg = _PLANS.get(key)
-            if cfg is not None:
-                _PLANS.move_to_end(key)
-                return cfg
+        cfg = _PLANS.get(key)
+        if cfg is not None:
+            return cfg
     arrays = {n: a.get(n) for n in names[3 if direction == "fwd" else 4:]}
     cfg = validate(direction, a["query"], a["key"], a["value"], *([a.get("dy")] if direction == "bwd" else []),
                    **arrays, **scalars)
@@ -113,9 +121,9 @@ def kernels_for(target: targets.Target, provider: targets.KernelProvider | None)
     """The kernel provider of a call: the caller's (AOT package), else the JIT cache (compiled targets)."""
     if provider is not None or not target.compiled:
         return provider
-    from .jit import provider as jit_provider
+    from . import jit
 
-    return jit_provider(target)
+    return jit.provider(target)
 
 
 def run_forward(cfg: OpConfig, a: dict[str, Any], provider=None) -> dict[str, Any]:
@@ -128,14 +136,22 @@ def run_backward(cfg: OpConfig, a: dict[str, Any], provider=None) -> dict[str, A
     return t.backward_arrays(cfg, a, kernels_for(t, provider))
 
 
-@contextmanager
-def _out_of_memory_is_fag_error() -> Iterator[None]:
+def _out_of_memory(exc: MemoryError) -> Exception:
     """A MemoryError while computing (working buffers beyond what the output check counts) → 161002."""
-    try:
-        yield
-    except MemoryError as exc:
-        raise invalid("query", f"not enough memory for this call ({exc or 'MemoryError'}); use smaller inputs") \
-            from None
+    return invalid("query", f"not enough memory for this call ({exc or 'MemoryError'}); use smaller inputs")
+
+
+_MEMORY_OK: set[tuple[OpConfig, bool, bool]] = set()
+
+
+def _check_memory(cfg: OpConfig, forward: bool, backward: bool) -> None:
+    """check_output_memory, once per (config, directions): it depends on nothing else."""
+    key = (cfg, forward, backward)
+    if key not in _MEMORY_OK:
+        check_output_memory(cfg, forward=forward, backward=backward)
+        if len(_MEMORY_OK) > 4 * _PLANS_MAX:
+            _MEMORY_OK.clear()
+        _MEMORY_OK.add(key)
 
 
 def flash_attention_score_grad(
@@ -166,12 +182,14 @@ def flash_attention_score_grad(
         dpse = np.zeros(pse.shape, pse.dtype) if cfg.dpse_computed else None
         return GradResult(conv(np.empty_like(a["query"])), conv(np.empty_like(a["key"])),
                           conv(np.empty_like(a["value"])), conv(dpse))
-    check_output_memory(cfg, forward=not cfg.stats_given, backward=True)
-    with _out_of_memory_is_fag_error():
+    _check_memory(cfg, not cfg.stats_given, True)
+    try:
         if not cfg.stats_given:
             f = run_forward(validated("fwd", a, scalars), a, _provider)
             a = dict(a, softmax_max=f["softmax_max"], softmax_sum=f["softmax_sum"], attention_in=f["attention_out"])
         g = run_backward(cfg, a, _provider)
+    except MemoryError as exc:
+        raise _out_of_memory(exc) from None
     return GradResult(conv(g["dq"]), conv(g["dk"]), conv(g["dv"]), conv(g["dpse"]))
 
 
@@ -194,11 +212,13 @@ def flash_attention_score(
         q_start_idx=q_start_idx, kv_start_idx=kv_start_idx, deterministic=deterministic, target=target))
     conv = output_converter(query)
     empty_out = np.empty((0,), dtype=a["query"].dtype)
-    check_output_memory(cfg, forward=True, backward=False)
-    with _out_of_memory_is_fag_error():
+    _check_memory(cfg, True, False)
+    try:
         # An all-empty call (no kernel can run) still has well-defined stats: usually empty, but with D == 0
         # and rows present they are those of all-zero scores, which the float64 reference computes exactly.
         f = run_forward(replace(cfg, target="reference") if cfg.empty else cfg, a, _provider)
+    except MemoryError as exc:
+        raise _out_of_memory(exc) from None
     return ForwardResult(conv(f["softmax_max"]), conv(f["softmax_sum"]), conv(empty_out), conv(f["attention_out"]))
 
 

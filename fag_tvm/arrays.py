@@ -17,28 +17,45 @@ def _is_torch(x: Any) -> bool:
     return str(getattr(type(x), "__module__", "") or "").startswith("torch")
 
 
+def _torch_to_numpy(t: Any, param: str) -> np.ndarray:
+    """A CPU tensor's data as NumPy: zero-copy when contiguous (bf16 through its int16 bits)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        from .errors import invalid
+
+        raise invalid(param, f"tensor on device {t.device}; only CPU tensors are accepted by this target")
+    if t.dtype == _TORCH["bfloat16"]:
+        return t.contiguous().view(_TORCH["int16"]).numpy().view(BF16)
+    return t.numpy()
+
+
+_TORCH: dict[str, Any] = {}  # torch dtypes, filled when the first tensor arrives (torch stays optional)
+
+
+_TORCH_TENSOR_TYPES: set[type] = set()  # types seen to be torch tensors (the per-call check is one lookup)
+
+
 def to_numpy(x: Any, param: str) -> np.ndarray | None:
     """Return a NumPy view/copy of `x` (None stays None). Raises FagError for unknown objects.
 
     Masked arrays are refused: the kernels would read the raw data while NumPy semantics would honour the
     mask, so no target could give the answer the caller means."""
+    if x is None or type(x) is np.ndarray:  # the common case first (a plain ndarray is never masked)
+        return x
+    if type(x) in _TORCH_TENSOR_TYPES:
+        return _torch_to_numpy(x, param)
     from .errors import invalid
 
-    if x is None:
-        return None
     if isinstance(x, np.ma.MaskedArray):
         raise invalid(param, MASKED_ARRAY_RULE)
     if isinstance(x, np.ndarray):
         return x
     if _is_torch(x):
-        import torch
+        import torch  # noqa: PLC0415 - already imported by whoever made the tensor
 
-        t = x.detach()
-        if t.device.type != "cpu":
-            raise invalid(param, f"tensor on device {t.device}; only CPU tensors are accepted by this target")
-        if t.dtype == torch.bfloat16:
-            return t.contiguous().view(torch.int16).numpy().view(BF16)
-        return t.numpy()
+        _TORCH.update(bfloat16=torch.bfloat16, int16=torch.int16)
+        _TORCH_TENSOR_TYPES.add(type(x))
+        return _torch_to_numpy(x, param)
     if hasattr(x, "__dlpack__"):
         try:
             return np.from_dlpack(x)

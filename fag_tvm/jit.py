@@ -101,6 +101,7 @@ def provider(target: str | Target) -> KernelProvider:
 
         p.target = t  # type: ignore[attr-defined]
         p.resolved = resolved  # type: ignore[attr-defined]
+        p.by_config = {}  # type: ignore[attr-defined]  # launchers' per-config memo (see targets/llvm/launch)
         _PROVIDERS[t.name] = p
     return p
 
@@ -111,6 +112,7 @@ def clear_memory_cache() -> None:
         _MEM.clear()
         for p in _PROVIDERS.values():
             p.resolved.clear()
+            p.by_config.clear()
 
 
 class _SlowNotice:

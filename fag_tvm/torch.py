@@ -38,23 +38,26 @@ __all__ = ["npu_fusion_attention", "FusionAttention"]
 
 
 def _np(t: Optional[Tensor]) -> Optional[np.ndarray]:
+    """A tensor's data as NumPy, zero-copy when it is contiguous (bf16 through its int16 bits)."""
     if t is None:
         return None
     t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
     if t.dtype == torch.bfloat16:
         from .arrays import BF16
 
-        return t.contiguous().view(torch.int16).numpy().view(BF16)
-    if t.dtype == torch.bool:
-        return t.contiguous().numpy()
-    return t.contiguous().numpy()
+        return t.view(torch.int16).numpy().view(BF16)
+    return t.numpy()
 
 
 def _t(a: Optional[np.ndarray]) -> Tensor:
+    """A NumPy result as a tensor, zero-copy (bf16, a void-kind NumPy dtype, through its int16 bits)."""
     if a is None:
         return torch.empty(0)
-    a = np.ascontiguousarray(a)
-    if a.dtype.name == "bfloat16":
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    if a.dtype.kind == "V":
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)
 
@@ -127,8 +130,7 @@ def _drop_mask_fake(numels, keep_prob, seed, offset):
     return torch.empty((numels + 7) // 8, dtype=torch.uint8), torch.empty((), dtype=torch.int64)
 
 
-@torch.library.custom_op("fag_tvm::fusion_attention", mutates_args=())
-def _fwd(query: Tensor, key: Tensor, value: Tensor, pse: Optional[Tensor], atten_mask: Optional[Tensor],
+def _fwd_impl(query: Tensor, key: Tensor, value: Tensor, pse: Optional[Tensor], atten_mask: Optional[Tensor],
          drop_mask: Optional[Tensor], head_num: int, input_layout: str, scale: float, keep_prob: float,
          pre_tokens: int, next_tokens: int, inner_precise: int, prefix: Optional[list[int]],
          actual_seq_qlen: Optional[list[int]], actual_seq_kvlen: Optional[list[int]], sparse_mode: int,
@@ -142,6 +144,9 @@ def _fwd(query: Tensor, key: Tensor, value: Tensor, pse: Optional[Tensor], atten
     return _t(f.attention_out), _t(f.softmax_max), _t(f.softmax_sum)
 
 
+_fwd = torch.library.custom_op("fag_tvm::fusion_attention", mutates_args=())(_fwd_impl)
+
+
 @_fwd.register_fake
 def _fwd_fake(query, key, value, pse, atten_mask, drop_mask, head_num, input_layout, *args):
     st = _stats_shape(query, head_num, input_layout)
@@ -149,8 +154,7 @@ def _fwd_fake(query, key, value, pse, atten_mask, drop_mask, head_num, input_lay
             query.new_empty(st, dtype=torch.float32), query.new_empty(st, dtype=torch.float32))
 
 
-@torch.library.custom_op("fag_tvm::fusion_attention_grad", mutates_args=())
-def _bwd(dy: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, softmax_max: Tensor,
+def _bwd_impl(dy: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, softmax_max: Tensor,
          softmax_sum: Tensor, pse: Optional[Tensor], atten_mask: Optional[Tensor], drop_mask: Optional[Tensor],
          head_num: int, input_layout: str, scale: float, keep_prob: float, pre_tokens: int, next_tokens: int,
          inner_precise: int, prefix: Optional[list[int]], actual_seq_qlen: Optional[list[int]],
@@ -164,6 +168,9 @@ def _bwd(dy: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, sof
         drop_mask=_np(drop_mask), softmax_max=_np(softmax_max), softmax_sum=_np(softmax_sum),
         attention_in=_np(out), **kw)
     return _t(g.dq), _t(g.dk), _t(g.dv), _t(g.dpse) if g.dpse is not None else query.new_empty(0)
+
+
+_bwd = torch.library.custom_op("fag_tvm::fusion_attention_grad", mutates_args=())(_bwd_impl)
 
 
 @_bwd.register_fake
@@ -181,16 +188,22 @@ def _setup_context(ctx, inputs, output) -> None:
     query, key, value, pse, atten_mask, drop_mask = inputs[:6]
     out, smax, ssum = output
     ctx.save_for_backward(query, key, value, out, smax, ssum, pse, atten_mask, drop_mask)
+    ctx.mark_non_differentiable(smax, ssum)  # softmax statistics: outputs, not differentiable (as torch_npu)
     ctx.scalars = inputs[6:]
     ctx.pse_grad = pse is not None and pse.requires_grad
 
 
-def _backward(ctx, grad_out, grad_smax, grad_ssum):
+def _grads(ctx, grad_out: Tensor) -> tuple:
+    """(dq, dk, dv, dpse or None): the backward kernels with every forward option."""
     query, key, value, out, smax, ssum, pse, atten_mask, drop_mask = ctx.saved_tensors
-    dq, dk, dv, dpse = _bwd(grad_out.contiguous(), query, key, value, out, smax, ssum, pse, atten_mask, drop_mask,
-                            *ctx.scalars)
-    return (dq, dk, dv, dpse if ctx.pse_grad and dpse.numel() else None, None, None,
-            *([None] * len(_SCALARS)))
+    grad_out = grad_out.contiguous()
+    bwd = _bwd_impl if getattr(ctx, "direct", False) and _direct(grad_out) else _bwd
+    dq, dk, dv, dpse = bwd(grad_out, query, key, value, out, smax, ssum, pse, atten_mask, drop_mask, *ctx.scalars)
+    return dq, dk, dv, dpse if ctx.pse_grad and dpse.numel() else None
+
+
+def _backward(ctx, grad_out, grad_smax, grad_ssum):
+    return (*_grads(ctx, grad_out), None, None, *([None] * len(_SCALARS)))
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -200,20 +213,44 @@ _fwd.register_autograd(_backward, setup_context=_setup_context)
 # the plain autograd.Function path (older torch, or code that wants no custom op)
 
 
+def _dispatch_modes_active() -> bool:
+    """Whether a torch dispatch mode (FakeTensorMode, functionalisation, a user's mode, ...) is active; True
+    when this torch cannot tell, so that the op then goes through the dispatcher."""
+    length = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    return True if length is None else length() > 0
+
+
+def _direct(*tensors: Optional[Tensor]) -> bool:
+    """Whether the op's implementation may be called directly, skipping the dispatcher (whose Python
+    custom-op path costs ~100-300 us a call, more than the kernels of a small call): plain CPU tensors in
+    eager mode only. Anything traced or intercepted -- torch.compile, fake or meta tensors, tensor
+    subclasses, an active dispatch mode -- goes through the custom op, which is what makes it traceable."""
+    if torch.compiler.is_compiling() or _dispatch_modes_active():
+        return False
+    return all(t is None or (type(t) in _PLAIN and t.device.type == "cpu") for t in tensors)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)  # tensor types with no dispatch behaviour of their own
+
+
 class FusionAttention(torch.autograd.Function):
-    """forward(query, key, value, pse, atten_mask, drop_mask, *scalars) -> (out, softmax_max, softmax_sum):
-    the same ops called directly, for torch versions without torch.library.custom_op / compile."""
+    """forward(query, key, value, pse, atten_mask, drop_mask, scalars) -> (out, softmax_max, softmax_sum), with
+    `scalars` the tuple of the custom op's 15 scalar arguments (one argument: apply() costs per argument).
+    The eager path (the implementation called directly when `_direct` allows it, else the custom ops), and
+    the path for torch versions without torch.library.custom_op / compile."""
 
     @staticmethod
-    def forward(ctx, query, key, value, pse, atten_mask, drop_mask, *scalars):
-        out, smax, ssum = _fwd(query, key, value, pse, atten_mask, drop_mask, *scalars)
+    def forward(ctx, query, key, value, pse, atten_mask, drop_mask, scalars):
+        direct = _direct(query, key, value, pse, atten_mask, drop_mask)
+        fwd = _fwd_impl if direct else _fwd
+        out, smax, ssum = fwd(query, key, value, pse, atten_mask, drop_mask, *scalars)
         _setup_context(ctx, (query, key, value, pse, atten_mask, drop_mask, *scalars), (out, smax, ssum))
-        ctx.mark_non_differentiable(smax, ssum)
+        ctx.direct = direct
         return out, smax, ssum
 
     @staticmethod
     def backward(ctx, grad_out, grad_smax, grad_ssum):
-        return _backward(ctx, grad_out, grad_smax, grad_ssum)
+        return (*_grads(ctx, grad_out), None, None, None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,10 +275,15 @@ def npu_fusion_attention(query: Tensor, key: Tensor, value: Tensor, head_num: in
                          actual_seq_kvlen: Optional[Sequence[int]] = None, sparse_mode: int = 0,
                          gen_mask_parallel: bool = True, sync: bool = False, *, pse_type: int = 1,
                          q_start_idx: Optional[Sequence[int]] = None, kv_start_idx: Optional[Sequence[int]] = None,
-                         seed: Optional[int] = None, target: str = "", use_custom_op: bool = True):
+                         seed: Optional[int] = None, target: str = "", use_custom_op: Optional[bool] = None):
     """torch_npu.npu_fusion_attention on fag_tvm: returns (attention_out, softmax_max, softmax_sum,
     softmax_out, seed, offset, numels). Differentiable in query, key, value and pse (external forms).
-    gen_mask_parallel and sync are accepted for compatibility (they only concern NPU streams)."""
+    gen_mask_parallel and sync are accepted for compatibility (they only concern NPU streams).
+
+    use_custom_op: None (default) uses the registered custom op under torch.compile and FusionAttention in
+    eager mode (which calls the implementation directly for plain CPU tensors, the low-overhead path, and
+    the custom op otherwise: meta/fake tensors, dispatch modes); True always the custom op, False always
+    FusionAttention."""
     if padding_mask is not None:
         raise invalid("padding_mask", "unsupported: reserved in CANN (not used by the operator); pass None")
     scalars = (int(head_num), str(input_layout), float(scale), float(keep_prob), int(pre_tockens), int(next_tockens),
@@ -252,8 +294,8 @@ def npu_fusion_attention(query: Tensor, key: Tensor, value: Tensor, head_num: in
         numels = _mask_bits(query, key, int(head_num), input_layout, actual_seq_qlen, actual_seq_kvlen)
         drop_mask, seed_t = _drop_mask(numels, float(keep_prob), -1 if seed is None else int(seed), 0)
         seed_out = seed_t if torch.compiler.is_compiling() else int(seed_t)
-    if use_custom_op:
+    if use_custom_op or (use_custom_op is None and torch.compiler.is_compiling()):
         out, smax, ssum = _fwd(query, key, value, pse, atten_mask, drop_mask, *scalars)
     else:
-        out, smax, ssum = FusionAttention.apply(query, key, value, pse, atten_mask, drop_mask, *scalars)
+        out, smax, ssum = FusionAttention.apply(query, key, value, pse, atten_mask, drop_mask, scalars)
     return out, smax, ssum, query.new_empty(0), seed_out, 0, numels

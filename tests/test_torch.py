@@ -126,6 +126,9 @@ def test_seven_outputs_and_torch_npu_spellings():
     assert out.shape == q.shape and smax.shape == (1, 2, 8, 8) and smax.dtype == torch.float32
     assert sout.numel() == 0 and (seed, offset, numels) == (0, 0, 0)
     assert out.grad_fn is not None and not smax.requires_grad
+    for path in (True, False):  # the softmax statistics are non-differentiable on every dispatch path
+        o, m, s = ft.npu_fusion_attention(q, k, v, 2, "BNSD", scale=0.5, use_custom_op=path)[:3]
+        assert o.grad_fn is not None and not m.requires_grad and not s.requires_grad, path
     r = ft.npu_fusion_attention(q, k, v, head_num=2, input_layout="BNSD", pre_tockens=3, next_tockens=0,
                                 atten_mask=_cm(), sparse_mode=4, scale=0.5)
     assert r[0].shape == q.shape
@@ -154,7 +157,10 @@ def test_dropout_bits_reused_by_the_backward():
     assert not a10_problems("dq", q.grad.numpy(), ref.dq, "float32")
 
 
-def test_autograd_function_path_matches_the_custom_op():
+@pytest.mark.parametrize("path", [True, False])
+def test_every_dispatch_path_gives_the_same_result(path):
+    """The default eager path (implementation called directly) == the custom op (use_custom_op=True) == the
+    autograd.Function (False), forward and gradients, bit for bit (same kernels)."""
     q, k, v = (_t((1, 2, 10, 8), torch.float32, s) for s in range(3))
     a = ft.npu_fusion_attention(q, k, v, 2, "BNSD", scale=0.3, atten_mask=_cm(), sparse_mode=2)[0]
     a.sum().backward()
@@ -162,9 +168,24 @@ def test_autograd_function_path_matches_the_custom_op():
     for x in (q, k, v):
         x.grad = None
     b = ft.npu_fusion_attention(q, k, v, 2, "BNSD", scale=0.3, atten_mask=_cm(), sparse_mode=2,
-                                use_custom_op=False)[0]
+                                use_custom_op=path)[0]
     b.sum().backward()
     assert torch.equal(a, b) and all(torch.equal(x.grad, g) for x, g in zip((q, k, v), grads))
+
+
+def test_direct_path_only_for_plain_eager_cpu_tensors():
+    """Fake/meta tensors, subclasses and dispatch modes must reach the dispatcher (fake impls, tracing)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q = torch.zeros(2)
+    assert ft._direct(q, None)
+    assert not ft._direct(q, torch.empty(2, device="meta"))
+    assert ft._direct(torch.nn.Parameter(q))  # a learned pse is a Parameter: no dispatch behaviour of its own
+    with FakeTensorMode() as mode:
+        assert not ft._direct(q)
+        fq, fk, fv = (mode.from_tensor(torch.zeros(1, 2, 8, 4)) for _ in range(3))
+        out = ft.npu_fusion_attention(fq, fk, fv, 2, "BNSD", scale=0.5)[0]
+    assert tuple(out.shape) == (1, 2, 8, 4)
 
 
 def test_custom_op_passes_opcheck():
