@@ -207,7 +207,10 @@ def test_sigkill_mid_run_loses_nothing(tmp_path):
         p = subprocess.Popen(_tune_cmd(log_dir, 4), stdout=out1, stderr=subprocess.STDOUT, env=_env(),
                              start_new_session=True)
         deadline = time.time() + 300
-        while time.time() < deadline and p.poll() is None and _lines(fam / DB.DB_RECORD) + _lines(fam / DB.JOURNAL) < 2:
+        # kill once the search is under way: best.json written (after the default's record) and one more
+        # measurement done (the default's own measurement is journaled + recorded before best.json exists)
+        while time.time() < deadline and p.poll() is None and not (
+                (fam / R.BEST).exists() and _lines(fam / DB.DB_RECORD) + _lines(fam / DB.JOURNAL) >= 2):
             time.sleep(0.05)
         assert p.poll() is None, (tmp_path / "run1.log").read_text()[-3000:]
         os.killpg(p.pid, signal.SIGKILL)
