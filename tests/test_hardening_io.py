@@ -256,3 +256,17 @@ def test_bench_runs_custom_workloads_with_roof_and_spread(tmp_path):
     (row,) = doc["rows"]
     assert row["ours"]["min_ms"] <= row["ours"]["median_ms"] <= row["ours"]["max_ms"]
     assert doc["roofs"]["fp32"]["gflops"] > 0 and "roof fp32" in r.stdout
+
+
+@pytest.mark.parametrize("bf16_gemm, expect_fallback", [(0.3, True), (500.0, False)])
+def test_bf16_roof_is_never_below_the_fp32_roof(monkeypatch, bf16_gemm, expect_fallback):
+    """Without native bf16 dot products a library bf16 GEMM can be 100x slower than fp32 (AVX2: 0.3 GFLOP/s);
+    kernels widen bf16 to fp32 there, so the fp32 roof is the limit and %roof must not read 25000%."""
+    from fag_tvm import bench
+
+    fp32 = {"dtype": "fp32", "gflops": 140.0, "how": "numpy float32 matmul", "ms": 1.0}
+    monkeypatch.setattr(bench, "measure_roof", lambda threads, dtype: {"dtype": dtype, "gflops": bf16_gemm,
+                                                                       "how": "torch bfloat16 matmul", "ms": 1.0})
+    r = bench._bf16_roof(2, fp32)
+    assert r["dtype"] == "bf16" and r["gflops"] == (140.0 if expect_fallback else 500.0)
+    assert ("fp32 roof" in r["how"]) == expect_fallback
