@@ -16,21 +16,17 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 import numpy as np
+
+from fag_tvm.targets.base import time_calls
 
 
 def batch_us(fn, calls: int, batches: int, warm: int = 200) -> tuple[float, float]:
     """(fastest, median) per-call microseconds over `batches` batches of `calls` calls."""
     for _ in range(warm):
         fn()
-    per = []
-    for _ in range(batches):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        per.append((time.perf_counter() - t0) / calls * 1e6)
+    per = [t * 1e6 for t in time_calls(fn, repeat=batches, number=calls)]
     return min(per), statistics.median(per)
 
 

@@ -73,19 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         return _fail(str(e), 2)
-    except (OSError, ValueError, RuntimeError, TimeoutError) as e:
+    except Exception as e:  # noqa: BLE001 - environment errors exit 2, anything else is a bug: one line each
         if debug:
             raise
         if interrupted:
             print("fag-tvm: interrupted", file=sys.stderr)
             return 130
-        return _fail(f"{type(e).__name__}: {e}", 2)
-    except Exception as e:  # noqa: BLE001 - a bug: one line + how to see more
-        if debug:
-            raise
-        if interrupted:
-            print("fag-tvm: interrupted", file=sys.stderr)
-            return 130
+        if isinstance(e, (OSError, ValueError, RuntimeError, TimeoutError)):
+            return _fail(f"{type(e).__name__}: {e}", 2)
         return _fail(f"internal error {type(e).__name__}: {e} (run with --debug for the traceback)", 1)
 
 

@@ -195,6 +195,14 @@ def tune_workload(w: dict, trials: int, log_dir: Any = None, direction: str = "b
         wl = db.commit_workload(stub)
         sess = _Session(t, task, fdir, db, wl, tgt, ArgInfo.from_prim_func(stub["main"]), None)
 
+        def keep_measured(exc_type, exc, tb) -> bool:
+            """An interrupted run (Ctrl-C, an error) still leaves best.json for what it had measured."""
+            if exc_type is not None and sess.records():
+                with contextlib.suppress(Exception):
+                    write_best(t, fdir, hw)
+            return False
+        stack.push(keep_measured)
+
         # 1. measurements journaled by an interrupted run but not yet in the database
         have = list(dict.fromkeys(r["knobs"] for r in sess.records()))  # distinct points, measurement order
         recovered = 0
