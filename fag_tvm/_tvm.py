@@ -69,13 +69,6 @@ def import_tvm_ffi():
 
 
 @functools.lru_cache(maxsize=None)
-def dlpack_importer():
-    """tvm_ffi.from_dlpack: a zero-copy tensor for a kernel call (cheaper than letting the call convert a
-    NumPy array, and it exposes the data pointer for the alignment check)."""
-    return import_tvm_ffi().from_dlpack
-
-
-@functools.lru_cache(maxsize=None)
 def tvm_version() -> str:
     """Version of the installed apache-tvm, read without importing the compiler."""
     try:

@@ -41,7 +41,8 @@ def _np(t: Optional[Tensor]) -> Optional[np.ndarray]:
     """A tensor's data as NumPy, zero-copy when it is contiguous (bf16 through its int16 bits)."""
     if t is None:
         return None
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
     if not t.is_contiguous():
         t = t.contiguous()
     if t.dtype == torch.bfloat16:
@@ -130,18 +131,31 @@ def _drop_mask_fake(numels, keep_prob, seed, offset):
     return torch.empty((numels + 7) // 8, dtype=torch.uint8), torch.empty((), dtype=torch.int64)
 
 
+def _arrays(**tensors: Optional[Tensor]) -> dict[str, np.ndarray]:
+    """The given tensors as NumPy (zero copy), absent ones left out."""
+    return {n: _np(t) for n, t in tensors.items() if t is not None}
+
+
+def _scalar_key(scalars: tuple) -> tuple:
+    """The op's scalar arguments as a hashable key (list arguments as tuples)."""
+    return tuple([tuple(s) if isinstance(s, list) else s for s in scalars])
+
+
 def _fwd_impl(query: Tensor, key: Tensor, value: Tensor, pse: Optional[Tensor], atten_mask: Optional[Tensor],
          drop_mask: Optional[Tensor], head_num: int, input_layout: str, scale: float, keep_prob: float,
          pre_tokens: int, next_tokens: int, inner_precise: int, prefix: Optional[list[int]],
          actual_seq_qlen: Optional[list[int]], actual_seq_kvlen: Optional[list[int]], sparse_mode: int,
          pse_type: int, q_start_idx: Optional[list[int]], kv_start_idx: Optional[list[int]],
          target: str) -> tuple[Tensor, Tensor, Tensor]:
-    kw = _kwargs(head_num, input_layout, scale, keep_prob, pre_tokens, next_tokens, inner_precise, prefix,
-                 actual_seq_qlen, actual_seq_kvlen, sparse_mode, pse_type, q_start_idx, kv_start_idx,
-                 _target(query, target))
-    f = api.flash_attention_score(_np(query), _np(key), _np(value), pse_shift=_np(pse), atten_mask=_np(atten_mask),
-                                  drop_mask=_np(drop_mask), **kw)
-    return _t(f.attention_out), _t(f.softmax_max), _t(f.softmax_sum)
+    scalars = (head_num, input_layout, scale, keep_prob, pre_tokens, next_tokens, inner_precise, prefix,
+               actual_seq_qlen, actual_seq_kvlen, sparse_mode, pse_type, q_start_idx, kv_start_idx,
+               _target(query, target))
+    a = _arrays(query=query, key=key, value=value, pse_shift=pse, atten_mask=atten_mask, drop_mask=drop_mask)
+    f = api.run_prepared("fwd", a, _scalar_key(scalars), lambda: _kwargs(*scalars))
+    if f is None:  # an empty call: the full path
+        r = api.flash_attention_score(a.pop("query"), a.pop("key"), a.pop("value"), **a, **_kwargs(*scalars))
+        f = {"attention_out": r.attention_out, "softmax_max": r.softmax_max, "softmax_sum": r.softmax_sum}
+    return _t(f["attention_out"]), _t(f["softmax_max"]), _t(f["softmax_sum"])
 
 
 _fwd = torch.library.custom_op("fag_tvm::fusion_attention", mutates_args=())(_fwd_impl)
@@ -160,14 +174,17 @@ def _bwd_impl(dy: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor
          inner_precise: int, prefix: Optional[list[int]], actual_seq_qlen: Optional[list[int]],
          actual_seq_kvlen: Optional[list[int]], sparse_mode: int, pse_type: int, q_start_idx: Optional[list[int]],
          kv_start_idx: Optional[list[int]], target: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    kw = _kwargs(head_num, input_layout, scale, keep_prob, pre_tokens, next_tokens, inner_precise, prefix,
-                 actual_seq_qlen, actual_seq_kvlen, sparse_mode, pse_type, q_start_idx, kv_start_idx,
-                 _target(query, target))
-    g = api.flash_attention_score_grad(
-        _np(query), _np(key), _np(value), _np(dy), pse_shift=_np(pse), atten_mask=_np(atten_mask),
-        drop_mask=_np(drop_mask), softmax_max=_np(softmax_max), softmax_sum=_np(softmax_sum),
-        attention_in=_np(out), **kw)
-    return _t(g.dq), _t(g.dk), _t(g.dv), _t(g.dpse) if g.dpse is not None else query.new_empty(0)
+    scalars = (head_num, input_layout, scale, keep_prob, pre_tokens, next_tokens, inner_precise, prefix,
+               actual_seq_qlen, actual_seq_kvlen, sparse_mode, pse_type, q_start_idx, kv_start_idx,
+               _target(query, target))
+    a = _arrays(query=query, key=key, value=value, dy=dy, pse_shift=pse, atten_mask=atten_mask,
+                drop_mask=drop_mask, softmax_max=softmax_max, softmax_sum=softmax_sum, attention_in=out)
+    g = api.run_prepared("bwd", a, _scalar_key(scalars), lambda: _kwargs(*scalars))
+    if g is None:  # an empty call: the full path
+        r = api.flash_attention_score_grad(a.pop("query"), a.pop("key"), a.pop("value"), a.pop("dy"), **a,
+                                           **_kwargs(*scalars))
+        g = r._asdict()
+    return _t(g["dq"]), _t(g["dk"]), _t(g["dv"]), _t(g["dpse"]) if g["dpse"] is not None else query.new_empty(0)
 
 
 _bwd = torch.library.custom_op("fag_tvm::fusion_attention_grad", mutates_args=())(_bwd_impl)
@@ -227,7 +244,14 @@ def _direct(*tensors: Optional[Tensor]) -> bool:
     subclasses, an active dispatch mode -- goes through the custom op, which is what makes it traceable."""
     if torch.compiler.is_compiling() or _dispatch_modes_active():
         return False
-    return all(t is None or (type(t) in _PLAIN and t.device.type == "cpu") for t in tensors)
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN or t.device.type != "cpu"):
+            return False
+    return True
+
+
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)  # tensor types with no dispatch behaviour of their own
@@ -296,6 +320,9 @@ def npu_fusion_attention(query: Tensor, key: Tensor, value: Tensor, head_num: in
         seed_out = seed_t if torch.compiler.is_compiling() else int(seed_t)
     if use_custom_op or (use_custom_op is None and torch.compiler.is_compiling()):
         out, smax, ssum = _fwd(query, key, value, pse, atten_mask, drop_mask, *scalars)
+    elif use_custom_op is None and not _needs_grad(query, key, value, pse) and \
+            _direct(query, key, value, pse, atten_mask, drop_mask):
+        out, smax, ssum = _fwd_impl(query, key, value, pse, atten_mask, drop_mask, *scalars)  # no graph to record
     else:
         out, smax, ssum = FusionAttention.apply(query, key, value, pse, atten_mask, drop_mask, scalars)
     return out, smax, ssum, query.new_empty(0), seed_out, 0, numels

@@ -173,6 +173,27 @@ def test_every_dispatch_path_gives_the_same_result(path):
     assert torch.equal(a, b) and all(torch.equal(x.grad, g) for x, g in zip((q, k, v), grads))
 
 
+def test_repeated_calls_never_reuse_a_plan_of_another_signature():
+    """The prepared-call cache (api.run_prepared) is keyed by every scalar, the arrays' shapes and dtypes and
+    the mask buffer: alternating calls that differ in one of them each match the float64 reference."""
+    q, k, v = (_t((1, 2, 12, 8), torch.float32, s) for s in range(3))
+    q2 = _t((1, 2, 9, 8), torch.float32, 5)
+    mask = torch.from_numpy(masks.compressed_causal_mask())
+    calls = [dict(scale=0.3), dict(scale=0.5), dict(scale=0.3, atten_mask=mask, sparse_mode=2),
+             dict(scale=0.3, atten_mask=mask, sparse_mode=3), dict(scale=0.3, pre_tockens=2, next_tockens=0,
+                                                                   atten_mask=mask, sparse_mode=4)]
+    for _ in range(2):
+        for x in (q, q2):
+            for c in calls:
+                out = ft.npu_fusion_attention(x, k, v, 2, "BNSD", **c)[0]
+                kw = dict(scale_value=c["scale"], sparse_mode=c.get("sparse_mode", 0),
+                          atten_mask=None if "atten_mask" not in c else mask.numpy(),
+                          pre_tokens=c.get("pre_tockens", 2147483647), next_tokens=c.get("next_tockens", 2147483647))
+                ref = fag_tvm.reference.flash_attention_score(x.detach().numpy(), k.detach().numpy(),
+                                                              v.detach().numpy(), head_num=2, input_layout="BNSD", **kw)
+                assert not a10_problems("attention_out", out.detach().numpy(), ref.attention_out, "float32"), c
+
+
 def test_direct_path_only_for_plain_eager_cpu_tensors():
     """Fake/meta tensors, subclasses and dispatch modes must reach the dispatcher (fake impls, tracing)."""
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -9,8 +9,7 @@ import numpy as np
 
 from ...config import FLT_MAX, OpConfig
 from ...core.abi import STATS_LANES, kernel_spec, runtime_params, total_rows
-from ..._tvm import dlpack_importer
-from ...core.buffers import ALIGN, aligned_empty, aligned_empty_group, ensure_aligned, kernel_view
+from ...core.buffers import ALIGN, aligned_empty, aligned_empty_group, data_ptr, ensure_aligned, kernel_view
 from ..base import MAIN, KernelProvider
 from .workspace import workspace_floats
 
@@ -65,21 +64,17 @@ def _optional_inputs(spec, a: dict[str, Any]) -> list[np.ndarray]:
 
 
 def _call(run, args: list[np.ndarray], n_inputs: int) -> None:
-    """Run the kernel on flat arguments: the first `n_inputs` are the caller's (any alignment), the rest
-    are aligned by construction (cached metadata, aligned_empty outputs, workspace). A compiled Kernel is
-    called through DLPack tensors directly, its inputs' alignment read off the tensors (copied to aligned
-    memory when unaligned: an unaligned pointer would fault in the aligned vector loads); any other
-    provider (a tuning capture, a test double) gets aligned NumPy arrays."""
+    """Run the kernel on flat arguments: the first `n_inputs` are the caller's (any alignment: copied to
+    aligned memory when unaligned, an unaligned pointer would fault in the aligned vector loads), the rest
+    are aligned by construction (cached metadata, aligned_empty outputs, workspace). A compiled Kernel's
+    function takes the NumPy arrays directly (tvm-ffi converts them through DLPack: no per-argument
+    Python conversion); any other provider (a tuning capture, a test double) is called with them."""
+    args[:n_inputs] = [x if data_ptr(x) % ALIGN == 0 else ensure_aligned(x) for x in args[:n_inputs]]
     fn = getattr(run, "functions", None)
     if fn is None:
-        run(*[ensure_aligned(x) for x in args[:n_inputs]], *args[n_inputs:])
-        return
-    from_dlpack = dlpack_importer()
-    ts = [from_dlpack(x) for x in args]
-    for i in range(n_inputs):
-        if ts[i].data_ptr() % ALIGN:
-            ts[i] = from_dlpack(ensure_aligned(args[i]))
-    fn[MAIN](*ts)
+        run(*args)
+    else:
+        fn[MAIN](*args)
 
 
 def _dy_shape(cfg: OpConfig, q: np.ndarray) -> tuple[int, ...]:
