@@ -156,6 +156,15 @@ def test_compile_refuses_to_delete_a_folder_that_is_not_a_package(tmp_path):
     (["inspect", "--workload", "S1", "--set", "block_q=7"], "block_q"),
     (["inspect", "--workload", "S1", "--set", "nope=1"], "--set"),
     (["quickstart", "--target", "nope"], "target"),
+    (["bench", "--repeat", "0"], "--repeat"),
+    (["bench", "--threads", "-3"], "--threads"),
+    (["bench", "--repeat", "x"], "--repeat"),
+    (["tune", "--workload", "S1", "--trials", "0"], "--trials"),
+    (["tune", "--workload", "S1", "--trials", "2", "--per-iter", "0"], "--per-iter"),
+    (["quickstart", "--seq", "0"], "--seq"),
+    (["report", "--log-dir", "no_such_dir"], "no tuning records"),
+    (["cache", "nope"], "invalid choice"),
+    (["nope"], "invalid choice"),
 ])
 def test_user_errors_are_one_line(tmp_path, args, needle):
     assert needle in one_line(cli(*args, cwd=tmp_path))

@@ -23,10 +23,17 @@ ENVIRONMENT = """environment variables:
   TVM_NUM_THREADS          kernel threads (fag_tvm sets it to all usable cores)"""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (the full usage is one `--help` away), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ..version import __version__
 
-    p = argparse.ArgumentParser(prog="fag-tvm", description="CANN-exact flash-attention backward compiled with TVM",
+    p = _Parser(prog="fag-tvm", description="CANN-exact flash-attention backward compiled with TVM",
                                 epilog=ENVIRONMENT, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"fag-tvm {__version__}")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .argtypes import int_at_least
+
 
 def run(args: argparse.Namespace) -> int:
     from ..bench import run as bench_run
@@ -21,8 +23,9 @@ def add(sub) -> None:
     s.add_argument("--target", default="llvm", help="target to benchmark (default llvm)")
     s.add_argument("--shapes", help="suite ids, comma separated (default: S1..S9)")
     s.add_argument("--workloads", help="workload JSON (object or list), a JSON file, or suite ids")
-    s.add_argument("--repeat", type=int, default=7, help="timed calls per side (alternating; default 7)")
-    s.add_argument("--threads", type=int, help="threads for ours, the peer and the roof (default: all cores)")
+    s.add_argument("--repeat", type=int_at_least(1), default=7, help="timed calls per side (alternating; default 7)")
+    s.add_argument("--threads", type=int_at_least(1),
+                   help="threads for ours, the peer and the roof (default: all cores)")
     s.add_argument("--json", default="bench_results/bench_cpu.json", help="JSON output path")
     s.add_argument("--no-peer", action="store_true", help="skip PyTorch")
     s.add_argument("--no-roof", action="store_true", help="skip the GEMM roof measurement")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from .argtypes import int_at_least
+
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
@@ -68,11 +70,11 @@ def run(args: argparse.Namespace) -> int:
 def add(sub) -> None:
     s = sub.add_parser("quickstart", help="main job: compile, run, verify and time a default workload on the CPU")
     s.add_argument("--target", default="llvm", help="target to run (default llvm)")
-    s.add_argument("--batch", type=int, default=1)
-    s.add_argument("--heads", type=int, default=8)
-    s.add_argument("--seq", type=int, default=1024)
-    s.add_argument("--dim", type=int, default=64)
+    s.add_argument("--batch", type=int_at_least(1), default=1)
+    s.add_argument("--heads", type=int_at_least(1), default=8)
+    s.add_argument("--seq", type=int_at_least(1), default=1024)
+    s.add_argument("--dim", type=int_at_least(1), default=64)
     s.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     s.add_argument("--causal", action="store_true", help="sparse_mode 2 (left-up causal)")
-    s.add_argument("--repeat", type=int, default=5)
+    s.add_argument("--repeat", type=int_at_least(1), default=5)
     s.set_defaults(fn=run)

@@ -6,6 +6,8 @@ import logging
 import time
 from pathlib import Path
 
+from .argtypes import int_at_least
+
 
 def run_tune(args: argparse.Namespace) -> int:
     from .. import targets
@@ -49,8 +51,16 @@ def run_tune(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    from .. import targets
+    from ..errors import invalid
     from ..report import main as report_main
+    from ..tune.records import default_log_dir
 
+    t = targets.get(args.target)
+    log_dir = Path(args.log_dir) if args.log_dir else default_log_dir()
+    if not any((log_dir / t.name).glob("*/best.json")):  # a report of nothing would look like a finding
+        raise invalid("--log-dir", f"no tuning records for target {t.name} under {log_dir} "
+                      f"(expected {log_dir / t.name}/<kernel family>/best.json; run `fag-tvm tune` first)")
     return report_main(args)
 
 
@@ -59,17 +69,17 @@ def add(sub) -> None:
                                     "(records -> tuning_logs/<target>/)")
     s.add_argument("--target", default="llvm", help="target to tune (default llvm)")
     s.add_argument("--workload", help="S1..S9, a comma list of them, a JSON object/list or a JSON file")
-    s.add_argument("--trials", type=int, help="distinct knob points to measure per workload, counting those already "
-                                              "in the database (a resumed run only measures the missing ones; the "
-                                              "template default is one of them)")
+    s.add_argument("--trials", type=int_at_least(1),
+                   help="distinct knob points to measure per workload, counting those already in the database (a "
+                        "resumed run only measures the missing ones; the template default is one of them)")
     s.add_argument("--log-dir", help="tuning log root (default: tuning_logs of the checkout, or "
                                      "$FAG_TVM_TUNING_LOGS); records go to <log-dir>/<target>/<kernel family>/")
     s.add_argument("--direction", choices=("bwd", "fwd", "both"), default="bwd")
     s.add_argument("--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: measure on its servers")
     s.add_argument("--rpc-key", help="device key of the RPC servers")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--per-iter", type=int, default=8, help="candidates per search iteration (default 8)")
-    s.add_argument("--confirm", type=int, default=3,
+    s.add_argument("--per-iter", type=int_at_least(1), default=8, help="candidates per search iteration (default 8)")
+    s.add_argument("--confirm", type=int_at_least(0), default=3,
                    help="re-measure the N fastest points and the default side by side after the search (default 3; "
                         "0: off). best.json keeps the default unless a point is confirmed >2%% faster")
     s.add_argument("--work-dir", help="meta-schedule work dir for its logs (default: under the kernel cache)")
