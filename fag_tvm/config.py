@@ -474,6 +474,8 @@ def validate(
     mask_form = "none"
     full_mask = False
     prefix_t: tuple[int, ...] | None = None
+    if prefix is not None and (_int_array(prefix, "prefix").ndim > 1):  # typed even where it is ignored
+        raise invalid("prefix", "must be a 1-D integer array")
     if atten_mask is not None:
         if atten_mask.dtype not in (np.bool_, np.uint8):
             raise invalid("atten_mask", f"dtype must be bool or uint8, got {atten_mask.dtype}")

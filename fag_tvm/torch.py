@@ -69,14 +69,41 @@ def _target(t: Tensor, target: str) -> str:
     return "cuda" if t.device.type == "cuda" else "llvm"
 
 
-def _list(x: Any) -> Optional[list[int]]:
+def _list(x: Any, param: str) -> Optional[list[int]]:
+    """A host integer array argument as a list of ints (exact: floats, bools and strings are FagErrors)."""
     if x is None:
         return None
     if isinstance(x, Tensor):
+        if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+            raise invalid(param, f"must be an integer tensor, got {x.dtype}")
         return [int(v) for v in x.reshape(-1).tolist()]
-    if isinstance(x, (int, np.integer)):
+    if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
         return [int(x)]
-    return [int(v) for v in np.asarray(x).reshape(-1)]
+    try:
+        a = np.asarray(x)
+    except Exception as exc:  # noqa: BLE001 - ragged lists and other unconvertible objects
+        raise invalid(param, f"cannot be converted to an integer array: {exc}") from None
+    if a.dtype.kind not in "iu":
+        raise invalid(param, f"must be integers, got {x!r}")
+    return [int(v) for v in a.reshape(-1)]
+
+
+def _int(x: Any, param: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+        raise invalid(param, f"must be an integer, got {x!r}")
+    return int(x)
+
+
+def _float(x: Any, param: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)):
+        raise invalid(param, f"must be a number, got {x!r}")
+    return float(x)
+
+
+def _str(x: Any, param: str) -> str:
+    if not isinstance(x, str):
+        raise invalid(param, f"must be a string, got {x!r}")
+    return x
 
 
 def _opt(x: Optional[list[int]]) -> Optional[np.ndarray]:
@@ -191,10 +218,21 @@ _bwd = torch.library.custom_op("fag_tvm::fusion_attention_grad", mutates_args=()
 
 
 @_bwd.register_fake
-def _bwd_fake(dy, query, key, value, out, smax, ssum, pse, *args):
-    dpse = pse.new_empty(pse.shape) if pse is not None and pse.dim() != 1 or (pse is not None and pse.dtype != torch.float32) \
-        else query.new_empty(0)
+def _bwd_fake(dy, query, key, value, out, smax, ssum, pse, atten_mask, drop_mask, head_num, input_layout, scale,
+              keep_prob, pre_tokens, next_tokens, inner_precise, prefix, actual_seq_qlen, actual_seq_kvlen,
+              sparse_mode, pse_type, *args):
+    dpse = pse.new_empty(pse.shape) if _has_dpse(query, pse, head_num, input_layout, pse_type) else query.new_empty(0)
     return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), dpse
+
+
+def _has_dpse(query: Tensor, pse: Optional[Tensor], head_num: int, layout: str, pse_type: int) -> bool:
+    """Whether the backward returns dpse (SPEC A6: external pse forms only; not slopes (pse_type 2/3) and not
+    the alibi-compressed (..., 1024, Skv) form), from shapes alone -- config.py's pse-form rule."""
+    if pse is None or pse_type in (2, 3):
+        return False
+    if layout == "TND":
+        return pse.dim() == 1
+    return pse.dim() == 4 and pse.shape[2] in (1, _stats_shape(query, head_num, layout)[2])
 
 
 _SCALARS = ("head_num", "input_layout", "scale", "keep_prob", "pre_tokens", "next_tokens", "inner_precise", "prefix",
@@ -281,11 +319,18 @@ class FusionAttention(torch.autograd.Function):
 # the public op
 
 
-def _mask_bits(query: Tensor, key: Tensor, head_num: int, layout: str, actual_seq_qlen, actual_seq_kvlen) -> int:
+def _mask_bits(query: Tensor, key: Tensor, head_num: int, layout: str, seq_q: Optional[list[int]],
+               seq_kv: Optional[list[int]]) -> int:
+    """Number of dropout-mask bits of a call (drawn before validation, so shapes are checked here too)."""
     if layout == "TND":
-        cq, ck = np.asarray(_list(actual_seq_qlen)), np.asarray(_list(actual_seq_kvlen))
-        lq, lk = np.diff(np.concatenate([[0], cq])), np.diff(np.concatenate([[0], ck]))
+        if seq_q is None or seq_kv is None or len(seq_q) != len(seq_kv):
+            raise invalid("actual_seq_qlen", "TND needs actual_seq_qlen and actual_seq_kvlen of the same length")
+        lq, lk = np.diff([0, *seq_q]), np.diff([0, *seq_kv])
+        if (lq < 0).any() or (lk < 0).any():
+            raise invalid("actual_seq_qlen", "cumulative sequence ends must not decrease")
         return int(head_num * np.sum(lq * lk))
+    if query.dim() != (3 if layout in ("BSH", "SBH") else 4) or key.dim() != query.dim():
+        raise invalid("query", f"rank {query.dim()} does not match input_layout {layout!r}")
     sq = _stats_shape(query, head_num, layout)
     skv = _stats_shape(key, 1, layout)[2]
     return int(sq[0] * head_num * sq[2] * skv)
@@ -310,13 +355,19 @@ def npu_fusion_attention(query: Tensor, key: Tensor, value: Tensor, head_num: in
     FusionAttention."""
     if padding_mask is not None:
         raise invalid("padding_mask", "unsupported: reserved in CANN (not used by the operator); pass None")
-    scalars = (int(head_num), str(input_layout), float(scale), float(keep_prob), int(pre_tockens), int(next_tockens),
-               int(inner_precise), _list(prefix), _list(actual_seq_qlen), _list(actual_seq_kvlen), int(sparse_mode),
-               int(pse_type), _list(q_start_idx), _list(kv_start_idx), str(target))
+    scalars = (_int(head_num, "head_num"), _str(input_layout, "input_layout"), _float(scale, "scale"),
+               _float(keep_prob, "keep_prob"), _int(pre_tockens, "pre_tockens"), _int(next_tockens, "next_tockens"),
+               _int(inner_precise, "inner_precise"), _list(prefix, "prefix"),
+               _list(actual_seq_qlen, "actual_seq_qlen"), _list(actual_seq_kvlen, "actual_seq_kvlen"),
+               _int(sparse_mode, "sparse_mode"), _int(pse_type, "pse_type"), _list(q_start_idx, "q_start_idx"),
+               _list(kv_start_idx, "kv_start_idx"), _str(target, "target"))
     drop_mask, seed_out, numels = None, 0, 0
-    if keep_prob < 1.0:
-        numels = _mask_bits(query, key, int(head_num), input_layout, actual_seq_qlen, actual_seq_kvlen)
-        drop_mask, seed_t = _drop_mask(numels, float(keep_prob), -1 if seed is None else int(seed), 0)
+    if scalars[3] < 1.0:
+        numels = _mask_bits(query, key, scalars[0], scalars[1], scalars[8], scalars[9])
+        try:
+            drop_mask, seed_t = _drop_mask(numels, scalars[3], -1 if seed is None else _int(seed, "seed"), 0)
+        except MemoryError:
+            raise invalid("keep_prob", f"the dropout mask ({numels} bits) does not fit in memory") from None
         seed_out = seed_t if torch.compiler.is_compiling() else int(seed_t)
     if use_custom_op or (use_custom_op is None and torch.compiler.is_compiling()):
         out, smax, ssum = _fwd(query, key, value, pse, atten_mask, drop_mask, *scalars)

@@ -723,3 +723,14 @@ def test_aclnn_torch_outputs():
                                                      softmax_sum=base[9], attention_in=base[11])
     for a, b in zip(outs, r[:3]):
         assert rel_err(a.detach().numpy(), b) <= TOL
+
+
+@pytest.mark.parametrize("bad", ["ab", [1.5, 2.0], [[1, 2], [3, 4]], [object()]])
+@pytest.mark.parametrize("mode", [0, 5, 6])
+def test_prefix_is_typed_even_where_it_is_ignored(bad, mode):
+    """Without a mask sparse_mode and prefix are ignored (SPEC §5), but a prefix that is no integer array is
+    still a user error, as tokens of the wrong type are."""
+    args = bnsd(B=2, Sq=8, Skv=8)
+    for target in ("llvm", "reference"):
+        expect(INVALID, "prefix", fag_tvm.flash_attention_score_grad, *args,
+               **dict(head_num=2, input_layout="BNSD", sparse_mode=mode, prefix=bad, target=target))

@@ -217,6 +217,28 @@ def test_custom_op_passes_opcheck():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+@pytest.mark.parametrize("form", ["BNSS", "BN1S", "slopes", "alibi_compressed"])
+def test_grad_op_fake_matches_real_for_every_pse_form(form):
+    """The backward op's fake implementation returns dpse exactly when the kernels do (external pse forms):
+    torch.compile builds its graph from the fake, so a wrong dpse shape would break compiled training."""
+    s, ptype, mode, mask = 8, 1, 0, None
+    if form == "alibi_compressed":
+        s, mode, mask = 1088, 2, torch.from_numpy(masks.compressed_causal_mask())  # Sq > 1024 rows of the form
+    q, k, v = (_t((1, 1, s, 4), torch.float32, i) for i in range(3))
+    pse = {"BNSS": lambda: _t((1, 1, s, s), torch.float32, 7), "BN1S": lambda: _t((1, 1, 1, s), torch.float32, 7),
+           "slopes": lambda: torch.tensor([0.25]),
+           "alibi_compressed": lambda: _t((1, 1, 1024, s), torch.float32, 7)}[form]()
+    if form == "slopes":
+        ptype = 2
+    scal = (1, "BNSD", 0.5, 1.0, 2147483647, 2147483647, 0, None, None, None, mode, ptype, None, None, "")
+    out, smax, ssum = torch.ops.fag_tvm.fusion_attention(q, k, v, pse, mask, None, *scal)
+    dy = _t(tuple(out.shape), torch.float32, 9)
+    args = (dy, q, k, v, out, smax, ssum, pse, mask, None, *scal)
+    dpse = torch.ops.fag_tvm.fusion_attention_grad(*args)[3]
+    assert (dpse.numel() > 0) == (form in ("BNSS", "BN1S"))
+    torch.library.opcheck(torch.ops.fag_tvm.fusion_attention_grad.default, args, test_utils=("test_faketensor",))
+
+
 # ------------------------------------------------------------------------------------------------
 # torch.compile
 
@@ -255,3 +277,32 @@ def test_torch_compile_fullgraph_forward_and_backward():
     assert torch.allclose(y, eager, atol=1e-6)
     for p, g in zip(m.parameters(), ge):
         assert torch.allclose(p.grad, g, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw,param", [
+    (dict(scale="a"), "scale"), (dict(scale=None), "scale"), (dict(keep_prob="0.5"), "keep_prob"),
+    (dict(pre_tockens=1.5), "pre_tockens"), (dict(next_tockens="3"), "next_tockens"),
+    (dict(sparse_mode=2.0), "sparse_mode"), (dict(prefix=[1.5, 2.0]), "prefix"),
+    (dict(prefix=torch.tensor([1.0])), "prefix"), (dict(prefix=[[1], [2, 3]]), "prefix"),
+    (dict(q_start_idx=["x"]), "q_start_idx"), (dict(keep_prob=0.5, seed="x"), "seed"),
+    (dict(head_num=True), "head_num"), (dict(input_layout=None), "input_layout"), (dict(target=3), "target"),
+])
+def test_op_arguments_are_typed_exactly(kw, param):
+    """No silent truncation (int(1.5) == 1) and no raw TypeError/ValueError from argument conversion."""
+    q, k, v = (_t((1, 2, 8, 4), torch.float32, s) for s in range(3))
+    args = dict(head_num=2, input_layout="BNSD", scale=0.5)
+    args.update(kw)
+    with pytest.raises(fag_tvm.FagError) as e:
+        ft.npu_fusion_attention(q, k, v, args.pop("head_num"), args.pop("input_layout"), **args)
+    assert e.value.code == 161002 and param in str(e.value)
+
+
+def test_dropout_of_a_malformed_call_is_a_fag_error():
+    """The dropout mask is drawn before the kernels validate the call: its size computation checks too."""
+    q, k, v = (_t((1, 2, 8, 4), torch.float32, s) for s in range(3))
+    for call in (lambda: ft.npu_fusion_attention(q[0], k[0], v[0], 2, "TND", keep_prob=0.5),
+                 lambda: ft.npu_fusion_attention(q[0], k[0], v[0], 2, "BNSD", keep_prob=0.5),
+                 lambda: ft.npu_fusion_attention(q[0], k[0], v[0], 2, "TND", keep_prob=0.5, actual_seq_qlen=[4, 2],
+                                                 actual_seq_kvlen=[4, 8])):
+        with pytest.raises(fag_tvm.FagError):
+            call()
