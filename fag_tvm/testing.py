@@ -56,10 +56,14 @@ def stats_error(out, ref) -> float:
 
 def a10_problems(name: str, out, ref, dtype: str) -> list[str]:
     """Every way `out` fails SPEC A10 against the float64 reference `ref` ([] = passes): relative L2 within the
-    dtype's tolerance (outputs that are mathematically zero — rms(ref) < 1e-6, e.g. dq when every row sees one
-    key: the reference then holds only the rounding noise of its fp32 inputs — are held to an absolute RMS
-    bound of 0.1·tol instead), CANN's element rule on >= 99.9% of elements for fp32, finite where the reference is;
-    softmax stats through `stats_error`."""
+    dtype's tolerance, CANN's element rule on >= 99.9% of elements for fp32, finite where the reference is;
+    softmax stats through `stats_error`.
+
+    Outputs that are mathematically zero (rms(ref) < 1e-6, e.g. dk/dq when every row sees one key: dS =
+    P·(dP − D) with dP == D) have no meaningful relative error — the float64 reference holds only its own
+    rounding noise, and any fp32 kernel (CANN's too) leaves the fp32 rounding of dP − D. They are held to an
+    absolute RMS bound of tol (not CANN's per-element floor of 2.5e-5: the fp32 noise of a mathematically
+    zero dk grows with the rows summed into it, ~2.6e-5 peak at Sq=58 with dv ~ 10)."""
     tol = tolerance(dtype)
     if name in ("softmax_max", "softmax_sum"):
         e = stats_error(out, ref)
@@ -76,8 +80,8 @@ def a10_problems(name: str, out, ref, dtype: str) -> list[str]:
     rms_ref = float(np.sqrt(np.mean(b ** 2))) if b.size else 0.0
     if rms_ref < 1e-6:
         rms = float(np.sqrt(np.mean((a - b) ** 2))) if b.size else 0.0
-        if rms > 0.1 * tol:
-            probs.append(f"{name}: rms error {rms:.2e} on a zero output")
+        if rms > tol:
+            probs.append(f"{name}: rms error {rms:.2e} > {tol} on a zero output")
         return probs
     e = rel_err(a, b)
     if not e <= tol:

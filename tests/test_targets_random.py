@@ -99,8 +99,12 @@ def test_random_config(target, seed):
         assert (a is None) == (b is None), name
         if b is not None:
             _check(name, a, b, dt, case.desc, "backward")
-    # end to end: the target's own forward stats into its own backward
+    # end to end: the target's own forward outputs into its own backward, against the reference backward on
+    # the same (already-rounded) stats and attention_in, as SPEC A10 defines the comparison -- the reference's
+    # own forward rounds attention_in differently by an ulp here and there, which mathematically zero dq/dk
+    # (rows that see one key: dS = P(dP - D), dP == D) turn into pure fp16/bf16 rounding noise
     tstats = dict(softmax_max=f.softmax_max, softmax_sum=f.softmax_sum, attention_in=f.attention_out)
     ge = fag_tvm.flash_attention_score_grad(q, k, v, dy, target=target, **tstats, **kw)
+    gre = fag_tvm.reference.flash_attention_score_grad(q, k, v, dy, **tstats, **kw)
     for name in ("dq", "dk", "dv"):
-        _check(name, getattr(ge, name), getattr(gr, name), dt, case.desc, "forward->backward")
+        _check(name, getattr(ge, name), getattr(gre, name), dt, case.desc, "forward->backward")
