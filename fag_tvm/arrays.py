@@ -1,6 +1,7 @@
 """Array interchange (SPEC A9): NumPy in → NumPy out, DLPack tensors (torch …) in → same kind out."""
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import ml_dtypes
@@ -17,19 +18,38 @@ def _is_torch(x: Any) -> bool:
     return str(getattr(type(x), "__module__", "") or "").startswith("torch")
 
 
-def _torch_to_numpy(t: Any, param: str) -> np.ndarray:
-    """A CPU tensor's data as NumPy: zero-copy when contiguous (bf16 through its int16 bits)."""
-    t = t.detach()
+def torch_to_numpy(t: Any, param: str) -> np.ndarray:
+    """A CPU tensor's data as NumPy, zero-copy (bf16 through its int16 bits; non-contiguous tensors as strided
+    views). The one tensor -> array conversion (the API and the torch op)."""
+    if t.requires_grad:
+        t = t.detach()
     if t.device.type != "cpu":
         from .errors import invalid
 
         raise invalid(param, f"tensor on device {t.device}; only CPU tensors are accepted by this target")
-    if t.dtype == _TORCH["bfloat16"]:
-        return t.contiguous().view(_TORCH["int16"]).numpy().view(BF16)
+    bf16, i16 = _torch_dtypes()
+    if t.dtype == bf16:
+        return t.contiguous().view(i16).numpy().view(BF16)
     return t.numpy()
 
 
-_TORCH: dict[str, Any] = {}  # torch dtypes, filled when the first tensor arrives (torch stays optional)
+def numpy_to_torch(a: np.ndarray) -> Any:
+    """A NumPy result as a CPU tensor, zero-copy when contiguous (bf16, a void-kind NumPy dtype, through its
+    int16 bits). The one array -> tensor conversion."""
+    import torch  # noqa: PLC0415 - only reached with torch tensors in hand
+
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    if a.dtype.kind == "V":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_dtypes() -> tuple[Any, Any]:
+    import torch  # noqa: PLC0415 - torch stays optional: imported once the first tensor arrives
+
+    return torch.bfloat16, torch.int16
 
 
 _TORCH_TENSOR_TYPES: set[type] = set()  # types seen to be torch tensors (the per-call check is one lookup)
@@ -43,7 +63,7 @@ def to_numpy(x: Any, param: str) -> np.ndarray | None:
     if x is None or type(x) is np.ndarray:  # the common case first (a plain ndarray is never masked)
         return x
     if type(x) in _TORCH_TENSOR_TYPES:
-        return _torch_to_numpy(x, param)
+        return torch_to_numpy(x, param)
     from .errors import invalid
 
     if isinstance(x, np.ma.MaskedArray):
@@ -51,11 +71,8 @@ def to_numpy(x: Any, param: str) -> np.ndarray | None:
     if isinstance(x, np.ndarray):
         return x
     if _is_torch(x):
-        import torch  # noqa: PLC0415 - already imported by whoever made the tensor
-
-        _TORCH.update(bfloat16=torch.bfloat16, int16=torch.int16)
         _TORCH_TENSOR_TYPES.add(type(x))
-        return _torch_to_numpy(x, param)
+        return torch_to_numpy(x, param)
     if hasattr(x, "__dlpack__"):
         try:
             return np.from_dlpack(x)
@@ -69,14 +86,5 @@ def to_numpy(x: Any, param: str) -> np.ndarray | None:
 def output_converter(like: Any) -> Callable[[np.ndarray | None], Any]:
     """A function turning a NumPy result into the same kind of array as `like` (the query)."""
     if _is_torch(like):
-        import torch
-
-        def conv(a: np.ndarray | None) -> Any:
-            if a is None:
-                return None
-            if a.dtype == BF16:
-                return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
-            return torch.from_numpy(np.ascontiguousarray(a))
-
-        return conv
+        return lambda a: None if a is None else numpy_to_torch(a)
     return lambda a: a

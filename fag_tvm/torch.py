@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from . import api
+from .arrays import numpy_to_torch, torch_to_numpy
 from .config import INT32_MAX
 from .errors import invalid
 
@@ -38,29 +39,11 @@ __all__ = ["npu_fusion_attention", "FusionAttention"]
 
 
 def _np(t: Optional[Tensor]) -> Optional[np.ndarray]:
-    """A tensor's data as NumPy, zero-copy when it is contiguous (bf16 through its int16 bits)."""
-    if t is None:
-        return None
-    if t.requires_grad:
-        t = t.detach()
-    if not t.is_contiguous():
-        t = t.contiguous()
-    if t.dtype == torch.bfloat16:
-        from .arrays import BF16
-
-        return t.view(torch.int16).numpy().view(BF16)
-    return t.numpy()
+    return None if t is None else torch_to_numpy(t, "tensor")
 
 
 def _t(a: Optional[np.ndarray]) -> Tensor:
-    """A NumPy result as a tensor, zero-copy (bf16, a void-kind NumPy dtype, through its int16 bits)."""
-    if a is None:
-        return torch.empty(0)
-    if not a.flags.c_contiguous:
-        a = np.ascontiguousarray(a)
-    if a.dtype.kind == "V":
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(a)
+    return torch.empty(0) if a is None else numpy_to_torch(a)
 
 
 def _target(t: Tensor, target: str) -> str:
