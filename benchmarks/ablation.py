@@ -44,18 +44,13 @@ def main() -> int:
                    **{x: kw[x] for x in kw if x != "atten_mask"})
 
     def timed(provider=jit.provider(llvm), tile_skip=None):
-        orig = launch._aligned_params
-        if tile_skip is not None:
-            launch._aligned_params = lambda c, a, ts: orig(c, a, tile_skip)
-        try:
-            launch.backward_arrays(cfg, arrays, provider)
-            ts = []
-            for _ in range(args.repeat):
-                t0 = time.perf_counter()
-                launch.backward_arrays(cfg, arrays, provider)
-                ts.append(time.perf_counter() - t0)
-        finally:
-            launch._aligned_params = orig
+        run = launch.Launch(cfg, "bwd", arrays, provider, tile_skip=tile_skip)  # tile_skip: forced, or chosen
+        launch.run_arrays(run, arrays)
+        ts = []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            launch.run_arrays(run, arrays)
+            ts.append(time.perf_counter() - t0)
         return float(np.median(ts))
 
     fl = flops(w)

@@ -68,6 +68,17 @@ def import_tvm_ffi():
     return tvm_ffi
 
 
+def ffi_build_paths() -> tuple[list[str], str]:
+    """(include folders, folder of libtvm_ffi.so) for C++ code that calls tvm-ffi functions through its C API
+    (fag_tvm.torch_native)."""
+    import tvm_ffi.libinfo as info  # noqa: PLC0415
+
+    inc = info.find_include_path()
+    includes = [inc] if isinstance(inc, str) else list(inc)
+    includes.append(info.find_dlpack_include_path())
+    return list(dict.fromkeys(includes)), os.path.dirname(info.find_libtvm_ffi())
+
+
 @functools.lru_cache(maxsize=None)
 def tvm_version() -> str:
     """Version of the installed apache-tvm, read without importing the compiler."""

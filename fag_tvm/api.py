@@ -3,8 +3,6 @@ array kind (SPEC A9). Compiled targets get their kernels from the JIT cache unle
 package) supplies a kernel provider."""
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import replace
 from typing import Any, Callable, NamedTuple
 
@@ -14,6 +12,7 @@ from . import targets
 from .arrays import output_converter, to_numpy
 from .config import INT32_MAX, OpConfig, check_output_memory, validate
 from .core.buffers import data_ptr
+from .core.memo import BoundedMemo
 from .errors import invalid
 
 
@@ -54,9 +53,7 @@ def collect_arrays(query, key, value, dy, kw: dict[str, Any]) -> dict[str, Any]:
 # call plans: a repeated call with the same static signature reuses its validated OpConfig
 
 
-_PLANS: "OrderedDict[tuple, OpConfig]" = OrderedDict()
-_PLANS_MAX = 256
-_PLANS_LOCK = threading.Lock()
+_PLANS = BoundedMemo(256)  # static call signature -> validated OpConfig
 
 
 def _scalar_sig(v: Any) -> Any:
@@ -104,10 +101,7 @@ def validated(direction: str, a: dict[str, Any], scalars: dict[str, Any]) -> OpC
     cfg = validate(direction, a["query"], a["key"], a["value"], *([a.get("dy")] if direction == "bwd" else []),
                    **arrays, **scalars)
     if key is not None:
-        with _PLANS_LOCK:
-            _PLANS[key] = cfg
-            if len(_PLANS) > _PLANS_MAX:
-                _PLANS.popitem(last=False)
+        _PLANS.put(key, cfg)
     return cfg
 
 
@@ -141,7 +135,7 @@ def _out_of_memory(exc: MemoryError) -> Exception:
     return invalid("query", f"not enough memory for this call ({exc or 'MemoryError'}); use smaller inputs")
 
 
-_MEMORY_OK: set[tuple[OpConfig, bool, bool]] = set()
+_MEMORY_OK = BoundedMemo(1024)  # (config, directions) whose outputs were found to fit
 
 
 def _check_memory(cfg: OpConfig, forward: bool, backward: bool) -> None:
@@ -149,22 +143,30 @@ def _check_memory(cfg: OpConfig, forward: bool, backward: bool) -> None:
     key = (cfg, forward, backward)
     if key not in _MEMORY_OK:
         check_output_memory(cfg, forward=forward, backward=backward)
-        if len(_MEMORY_OK) > 4 * _PLANS_MAX:
-            _MEMORY_OK.clear()
-        _MEMORY_OK.add(key)
+        _MEMORY_OK.put(key, True)
 
 
-_PREPARED: dict[tuple, tuple] = {}
+class Prepared(NamedTuple):
+    """A repeated signature's resolved call: its validated config, the target's NumPy driver (`run(a)` ->
+    the target's raw outputs) and, where the target binds one (Target.prepare), its launch on flat buffers
+    of any DLPack kind (the torch op's path), else None."""
+
+    cfg: OpConfig
+    run: Callable[[dict[str, np.ndarray]], dict[str, Any]]
+    launch: Any
 
 
-def run_prepared(direction: str, a: dict[str, np.ndarray], scalar_key: tuple,
-                 scalars: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
-    """The target's raw outputs (NumPy) for a call whose arrays `a` are NumPy already (absent ones left out)
-    and whose scalars are summarised by the caller as the hashable `scalar_key` (`scalars()` gives them as
-    keywords of this module's functions). For bindings (the torch op) that call one signature many times:
-    a repeated (scalar_key, array shapes and dtypes, compressed mask buffer) skips argument collection,
-    validation, the memory check and kernel resolution — everything validation reads is in the key. A
-    backward must come with its stats. None where the full path is needed (an empty call, no stats)."""
+_PREPARED = BoundedMemo(256)  # (direction, scalars, array shapes/dtypes, mask buffer) -> Prepared
+
+
+def prepared(direction: str, a: dict[str, np.ndarray], scalar_key: tuple,
+             scalars: Callable[[], dict[str, Any]]) -> Prepared | None:
+    """The Prepared call of arrays `a` (NumPy, absent ones left out) whose scalars the caller summarises as
+    the hashable `scalar_key` (`scalars()` gives them as keywords of this module's functions). For bindings
+    (the torch op) that call one signature many times: a repeated (scalar_key, array shapes and dtypes,
+    compressed mask buffer) skips argument collection, validation, the memory check and kernel resolution --
+    everything validation reads is in the key. A backward must come with its stats. None where the full
+    path is needed (an empty call, no stats)."""
     mask = a.get("atten_mask")
     key = (direction, scalar_key, tuple([(n, x.shape, x.dtype) for n, x in a.items()]),
            None if mask is None else data_ptr(mask))
@@ -179,16 +181,27 @@ def run_prepared(direction: str, a: dict[str, np.ndarray], scalar_key: tuple,
             return None
         _check_memory(cfg, direction == "fwd", direction == "bwd")
         t = targets.get(cfg.target)
-        p = (t.forward_arrays if direction == "fwd" else t.backward_arrays, cfg, kernels_for(t, None))
-        with _PLANS_LOCK:
-            if len(_PREPARED) >= _PLANS_MAX:
-                _PREPARED.clear()
-            _PREPARED[key] = p
-    run, cfg, provider = p
+        kernels = kernels_for(t, None)
+        arrays = t.forward_arrays if direction == "fwd" else t.backward_arrays
+        p = _PREPARED.put(key, Prepared(cfg, lambda a, f=arrays, c=cfg, k=kernels: f(c, a, k),
+                                        t.prepare(cfg, direction, a, kernels)))
+    return p
+
+
+def guard_memory(run: Callable[..., Any], *args: Any) -> Any:
+    """run(*args), a MemoryError while computing (working buffers beyond what the output check counts) as
+    FagError 161002."""
     try:
-        return run(cfg, a, provider)
+        return run(*args)
     except MemoryError as exc:
         raise _out_of_memory(exc) from None
+
+
+def run_prepared(direction: str, a: dict[str, np.ndarray], scalar_key: tuple,
+                 scalars: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+    """The target's raw outputs (NumPy) of a `prepared` call, or None where the full path is needed."""
+    p = prepared(direction, a, scalar_key, scalars)
+    return None if p is None else guard_memory(p.run, a)
 
 
 def flash_attention_score_grad(

@@ -155,7 +155,7 @@ def _in_memory(t: Target, spec: KernelSpec, knobs: Any, hw: dict) -> Kernel:
     return t.kernel(ex, spec, knobs, hw, None, dt)
 
 
-def _entry_ok(lib: Path, side: Path, name: str, bhash: str) -> str | None:
+def entry_problem(lib: Path, side: Path, name: str, bhash: str) -> str | None:
     """None if the cache entry can be loaded safely, else what is wrong with it."""
     meta = read_json(side)
     if not isinstance(meta, dict):
@@ -207,7 +207,7 @@ def _build(t: Target, spec: KernelSpec, knobs: Any, hw: dict, use_disk: bool) ->
         return _in_memory(t, spec, knobs, hw)
     with stack:
         dt = None
-        problem = _entry_ok(lib, side, name, bhash) if (lib.exists() or side.exists()) else "missing"
+        problem = entry_problem(lib, side, name, bhash) if (lib.exists() or side.exists()) else "missing"
         if problem is not None:
             if problem != "missing":
                 warnings.warn(f"fag_tvm: cached kernel {lib.name}: {problem}; rebuilding", stacklevel=3)
@@ -236,7 +236,7 @@ def cache_entries() -> list[dict]:
         suffix = targets.get(meta["target"]).library_suffix if isinstance(meta, dict) and \
             meta.get("target") in targets.names() else ".so"
         lib = side.parent / (side.stem + suffix)
-        ok = isinstance(meta, dict) and _entry_ok(lib, side, meta.get("entry"), meta.get("build_hash")) is None
+        ok = isinstance(meta, dict) and entry_problem(lib, side, meta.get("entry"), meta.get("build_hash")) is None
         out.append({"path": str(lib), "meta": meta if isinstance(meta, dict) else None, "ok": ok,
                     "bytes": lib.stat().st_size if lib.is_file() else 0})
     return out

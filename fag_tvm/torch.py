@@ -11,7 +11,9 @@ traceable by torch.compile.
   `fag_tvm::drop_mask`) with fake (meta) implementations and a registered autograd formula, so
   `torch.compile(fullgraph=True)` traces it without graph breaks; the backward forwards every option
   (masks, tokens, prefix, sparse mode, pse with dpse when pse requires grad, layout, TND lengths) to
-  `fag_tvm.flash_attention_score_grad`. `FusionAttention` is the plain `torch.autograd.Function` path.
+  `fag_tvm.flash_attention_score_grad`. In eager mode plain CPU tensors take the native path
+  (fag_tvm.torch_native: a C++ autograd op on the same kernels) where it is available; `FusionAttention`
+  is the plain `torch.autograd.Function` path (older torch, no compiler, `use_custom_op=False`).
 * Dropout: the forward draws the bit mask from (seed, offset) — seed from torch's default generator
   unless given — and the backward reuses exactly those bits (the mask tensor is saved, never re-drawn);
   the same seed gives the same mask. seed comes back as an int (a 0-d tensor while torch.compile traces),
@@ -26,9 +28,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import api
-from .arrays import numpy_to_torch, torch_to_numpy
+from . import api, torch_launch, torch_native
+from .arrays import numpy_to_torch
 from .config import INT32_MAX
+from .core.buffers import poisoning
 from .errors import invalid
 
 __all__ = ["npu_fusion_attention", "FusionAttention"]
@@ -36,10 +39,6 @@ __all__ = ["npu_fusion_attention", "FusionAttention"]
 
 # ------------------------------------------------------------------------------------------------
 # tensors <-> arrays (zero copy)
-
-
-def _np(t: Optional[Tensor]) -> Optional[np.ndarray]:
-    return None if t is None else torch_to_numpy(t, "tensor")
 
 
 def _t(a: Optional[np.ndarray]) -> Tensor:
@@ -126,8 +125,7 @@ def _stats_shape(query: Tensor, head_num: int, layout: str) -> list[int]:
 # custom ops
 
 
-@torch.library.custom_op("fag_tvm::drop_mask", mutates_args=())
-def _drop_mask(numels: int, keep_prob: float, seed: int, offset: int) -> tuple[Tensor, Tensor]:
+def _draw_drop_mask(numels: int, keep_prob: float, seed: int, offset: int) -> tuple[Tensor, Tensor]:
     """(packed uint8 keep-bits of `numels` elements, the seed used); seed < 0 draws one from torch's default
     generator. The same (seed, offset) always gives the same bits."""
     if seed < 0:
@@ -136,14 +134,12 @@ def _drop_mask(numels: int, keep_prob: float, seed: int, offset: int) -> tuple[T
     return torch.from_numpy(np.packbits(keep, bitorder="little")), torch.tensor(seed, dtype=torch.int64)
 
 
+_drop_mask = torch.library.custom_op("fag_tvm::drop_mask", mutates_args=())(_draw_drop_mask)
+
+
 @_drop_mask.register_fake
 def _drop_mask_fake(numels, keep_prob, seed, offset):
     return torch.empty((numels + 7) // 8, dtype=torch.uint8), torch.empty((), dtype=torch.int64)
-
-
-def _arrays(**tensors: Optional[Tensor]) -> dict[str, np.ndarray]:
-    """The given tensors as NumPy (zero copy), absent ones left out."""
-    return {n: _np(t) for n, t in tensors.items() if t is not None}
 
 
 def _scalar_key(scalars: tuple) -> tuple:
@@ -160,12 +156,14 @@ def _fwd_impl(query: Tensor, key: Tensor, value: Tensor, pse: Optional[Tensor], 
     scalars = (head_num, input_layout, scale, keep_prob, pre_tokens, next_tokens, inner_precise, prefix,
                actual_seq_qlen, actual_seq_kvlen, sparse_mode, pse_type, q_start_idx, kv_start_idx,
                _target(query, target))
-    a = _arrays(query=query, key=key, value=value, pse_shift=pse, atten_mask=atten_mask, drop_mask=drop_mask)
-    f = api.run_prepared("fwd", a, _scalar_key(scalars), lambda: _kwargs(*scalars))
+    f = torch_launch.call("fwd", dict(query=query, key=key, value=value, pse_shift=pse, atten_mask=atten_mask,
+                                      drop_mask=drop_mask), _scalar_key(scalars), lambda: _kwargs(*scalars))
     if f is None:  # an empty call: the full path
+        a = torch_launch.numpy_arrays(dict(query=query, key=key, value=value, pse_shift=pse, atten_mask=atten_mask,
+                                              drop_mask=drop_mask))
         r = api.flash_attention_score(a.pop("query"), a.pop("key"), a.pop("value"), **a, **_kwargs(*scalars))
-        f = {"attention_out": r.attention_out, "softmax_max": r.softmax_max, "softmax_sum": r.softmax_sum}
-    return _t(f["attention_out"]), _t(f["softmax_max"]), _t(f["softmax_sum"])
+        f = [_t(r.attention_out), _t(r.softmax_max), _t(r.softmax_sum)]
+    return f[0], f[1], f[2]
 
 
 _fwd = torch.library.custom_op("fag_tvm::fusion_attention", mutates_args=())(_fwd_impl)
@@ -187,14 +185,17 @@ def _bwd_impl(dy: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor
     scalars = (head_num, input_layout, scale, keep_prob, pre_tokens, next_tokens, inner_precise, prefix,
                actual_seq_qlen, actual_seq_kvlen, sparse_mode, pse_type, q_start_idx, kv_start_idx,
                _target(query, target))
-    a = _arrays(query=query, key=key, value=value, dy=dy, pse_shift=pse, atten_mask=atten_mask,
-                drop_mask=drop_mask, softmax_max=softmax_max, softmax_sum=softmax_sum, attention_in=out)
-    g = api.run_prepared("bwd", a, _scalar_key(scalars), lambda: _kwargs(*scalars))
+    g = torch_launch.call("bwd", dict(query=query, key=key, value=value, dy=dy, pse_shift=pse, atten_mask=atten_mask,
+                                      drop_mask=drop_mask, softmax_max=softmax_max, softmax_sum=softmax_sum,
+                                      attention_in=out), _scalar_key(scalars), lambda: _kwargs(*scalars))
     if g is None:  # an empty call: the full path
+        a = torch_launch.numpy_arrays(dict(query=query, key=key, value=value, dy=dy, pse_shift=pse,
+                                           atten_mask=atten_mask, drop_mask=drop_mask, softmax_max=softmax_max,
+                                           softmax_sum=softmax_sum, attention_in=out))
         r = api.flash_attention_score_grad(a.pop("query"), a.pop("key"), a.pop("value"), a.pop("dy"), **a,
                                            **_kwargs(*scalars))
-        g = r._asdict()
-    return _t(g["dq"]), _t(g["dk"]), _t(g["dv"]), _t(g["dpse"]) if g["dpse"] is not None else query.new_empty(0)
+        g = [_t(r.dq), _t(r.dk), _t(r.dv), None if r.dpse is None else _t(r.dpse)]
+    return g[0], g[1], g[2], g[3] if g[3] is not None else query.new_empty(0)
 
 
 _bwd = torch.library.custom_op("fag_tvm::fusion_attention_grad", mutates_args=())(_bwd_impl)
@@ -332,9 +333,10 @@ def npu_fusion_attention(query: Tensor, key: Tensor, value: Tensor, head_num: in
     softmax_out, seed, offset, numels). Differentiable in query, key, value and pse (external forms).
     gen_mask_parallel and sync are accepted for compatibility (they only concern NPU streams).
 
-    use_custom_op: None (default) uses the registered custom op under torch.compile and FusionAttention in
-    eager mode (which calls the implementation directly for plain CPU tensors, the low-overhead path, and
-    the custom op otherwise: meta/fake tensors, dispatch modes); True always the custom op, False always
+    use_custom_op: None (default) uses the registered custom op under torch.compile; in eager mode, plain CPU
+    tensors take the native path (fag_tvm.torch_native: a C++ autograd op, the low-overhead path) where it
+    is available, else FusionAttention, which calls the implementation directly for plain CPU tensors and
+    the custom op otherwise (meta/fake tensors, dispatch modes); True always the custom op, False always
     FusionAttention."""
     if padding_mask is not None:
         raise invalid("padding_mask", "unsupported: reserved in CANN (not used by the operator); pass None")
@@ -348,15 +350,25 @@ def npu_fusion_attention(query: Tensor, key: Tensor, value: Tensor, head_num: in
     if scalars[3] < 1.0:
         numels = _mask_bits(query, key, scalars[0], scalars[1], scalars[8], scalars[9])
         try:
-            drop_mask, seed_t = _drop_mask(numels, scalars[3], -1 if seed is None else _int(seed, "seed"), 0)
+            eager = use_custom_op is None and _direct(query, key)  # eager plain tensors: no dispatcher
+            draw = _draw_drop_mask if eager else _drop_mask
+            drop_mask, seed_t = draw(numels, scalars[3], -1 if seed is None else _int(seed, "seed"), 0)
         except MemoryError:
             raise invalid("keep_prob", f"the dropout mask ({numels} bits) does not fit in memory") from None
         seed_out = seed_t if torch.compiler.is_compiling() else int(seed_t)
     if use_custom_op or (use_custom_op is None and torch.compiler.is_compiling()):
         out, smax, ssum = _fwd(query, key, value, pse, atten_mask, drop_mask, *scalars)
-    elif use_custom_op is None and not _needs_grad(query, key, value, pse) and \
-            _direct(query, key, value, pse, atten_mask, drop_mask):
-        out, smax, ssum = _fwd_impl(query, key, value, pse, atten_mask, drop_mask, *scalars)  # no graph to record
     else:
-        out, smax, ssum = FusionAttention.apply(query, key, value, pse, atten_mask, drop_mask, scalars)
+        r = None
+        direct = use_custom_op is None and _direct(query, key, value, pse, atten_mask, drop_mask)
+        if direct:  # eager, plain CPU tensors: the native path where this call has one
+            resolved = (*scalars[:-1], _target(query, scalars[-1]))
+            r = torch_native.attention(query, key, value, pse, atten_mask, drop_mask, _scalar_key(resolved),
+                                       lambda: _kwargs(*resolved), poisoning())
+        if r is not None:
+            out, smax, ssum = r
+        elif direct and not _needs_grad(query, key, value, pse):
+            out, smax, ssum = _fwd_impl(query, key, value, pse, atten_mask, drop_mask, *scalars)  # no graph
+        else:
+            out, smax, ssum = FusionAttention.apply(query, key, value, pse, atten_mask, drop_mask, scalars)
     return out, smax, ssum, query.new_empty(0), seed_out, 0, numels

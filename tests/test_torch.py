@@ -306,3 +306,172 @@ def test_dropout_of_a_malformed_call_is_a_fag_error():
                                                  actual_seq_kvlen=[4, 8])):
         with pytest.raises(fag_tvm.FagError):
             call()
+
+
+# ------------------------------------------------------------------------------------------------
+# the native eager path (fag_tvm.torch_native: a C++ autograd op on the same kernels)
+
+from fag_tvm import torch_native  # noqa: E402
+
+
+def _native_case(case: str, seed: int):
+    """(args, head_num, layout, kwargs) of one native-path case; `seed` varies the data, not the signature."""
+    t = lambda shape, s, dtype=torch.float32, scale=1.0: _t(shape, dtype, seed * 10 + s, scale)  # noqa: E731
+    kw = dict(scale=0.3)
+    if case == "tnd":
+        args = (t((11, 2, 8), 0), t((13, 1, 8), 1), t((13, 1, 8), 2))
+        kw.update(actual_seq_qlen=[5, 11], actual_seq_kvlen=[6, 13], atten_mask=_cm(), sparse_mode=3)
+        return args, 2, "TND", kw
+    if case == "bsh_causal":
+        return (t((2, 19, 32), 0), t((2, 23, 32), 1), t((2, 23, 32), 2)), 2, "BSH", \
+            dict(kw, atten_mask=_cm(), sparse_mode=2)
+    if case == "gqa_bsnd":
+        return (t((1, 17, 4, 8), 0), t((1, 17, 2, 8), 1), t((1, 17, 2, 8), 2)), 4, "BSND", kw
+    args = (t((1, 2, 21, 16), 0), t((1, 2, 27, 16), 1), t((1, 2, 27, 16), 2))
+    if case == "pse_dpse":
+        kw["pse"] = t((1, 2, 21, 27), 3, scale=0.3)
+    elif case == "dropout":
+        kw.update(keep_prob=0.8, seed=7)
+    elif case == "bf16":
+        args = tuple(x.detach().to(torch.bfloat16).requires_grad_() for x in args)
+    elif case == "band_mode4":
+        kw.update(atten_mask=_cm(), sparse_mode=4, pre_tockens=3, next_tockens=1)
+    elif case == "fully_masked_row":  # a band plus a full mask hiding every key of row 4: the forward's row
+        args = (t((1, 2, 70, 16), 0), t((1, 2, 200, 16), 1), t((1, 2, 200, 16), 2))  # check reruns without
+        m = torch.zeros(1, 2, 70, 200, dtype=torch.bool)  # tile skipping, and the backward's stats scan turns
+        m[:, :, 4, :] = True  # tile skipping off (several kv tiles: the band skips some)
+        m[:, :, 10:, 20:] = True
+        kw.update(atten_mask=m, pre_tockens=300, next_tockens=0)
+    elif case == "strided_unaligned":  # a transposed view and an offset slice: copied to aligned memory
+        q = t((1, 21, 2, 16), 0).detach().transpose(1, 2).requires_grad_()
+        kbuf = t((1 * 2 * 27 * 16 + 1,), 1).detach()
+        k = kbuf[1:].view(1, 2, 27, 16).requires_grad_()
+        args = (q, k, args[2])
+    return args, 2, "BNSD", kw
+
+
+_NATIVE_CASES = ["plain", "tnd", "bsh_causal", "gqa_bsnd", "pse_dpse", "dropout", "bf16", "band_mode4",
+                 "fully_masked_row", "strided_unaligned"]
+
+
+def _run(case, seed, **extra):
+    args, n, layout, kw = _native_case(case, seed)
+    pse = kw.get("pse")
+    r = ft.npu_fusion_attention(*args, n, layout, **kw, **extra)
+    dy = torch.randn(r[0].shape, generator=torch.Generator().manual_seed(seed)).to(r[0].dtype)
+    leaves = [*args, *([pse] if pse is not None else [])]
+    grads = torch.autograd.grad(r[0], leaves, dy)
+    return r, grads
+
+
+def test_native_path_builds_where_a_compiler_exists():
+    """CI has a C++ compiler: the native path must be usable there, not silently replaced by the Python one."""
+    import shutil
+
+    if shutil.which("g++") is None and "CXX" not in __import__("os").environ:
+        pytest.skip("no C++ compiler on this machine: the Python path is used")
+    ok, why = torch_native.status()
+    assert ok, why
+
+
+@pytest.mark.parametrize("case", _NATIVE_CASES)
+def test_native_path_equals_python_path(case):
+    """Forward outputs and every gradient of the native path == the Python autograd.Function path, bit for
+    bit (same kernels, same launches), on the first call of a signature and on a repeated one with new data
+    (the bound launch); the native path is the one taken by default."""
+    if not torch_native.status()[0]:
+        pytest.skip(torch_native.status()[1])
+    for seed in (1, 2):
+        r, g = _run(case, seed)
+        assert "fag_tvm_native::FusionAttention" in r[0].grad_fn.name()
+        r2, g2 = _run(case, seed, use_custom_op=False)
+        assert r2[0].grad_fn.name() == "FusionAttentionBackward"
+        assert all(torch.equal(a, b) for a, b in zip(r[:3], r2[:3])), case
+        assert all(torch.equal(a, b) for a, b in zip(g, g2)), case
+        assert r[4:] == r2[4:]  # seed, offset, numels
+
+
+def test_native_path_matches_the_reference():
+    """Independently of the Python path: native forward and gradients against the float64 reference."""
+    if not torch_native.status()[0]:
+        pytest.skip(torch_native.status()[1])
+    for case in ("bsh_causal", "pse_dpse"):
+        args, n, layout, kw = _native_case(case, 3)
+        pse = kw.pop("pse", None)
+        out = ft.npu_fusion_attention(*args, n, layout, pse=pse, **kw)[0]
+        dy = torch.ones_like(out)
+        grads = torch.autograd.grad(out, [*args, *([pse] if pse is not None else [])], dy)
+        akw = dict(scale_value=kw["scale"], sparse_mode=kw.get("sparse_mode", 0),
+                   atten_mask=None if "atten_mask" not in kw else kw["atten_mask"].numpy())
+        npa = [x.detach().numpy() for x in args]
+        ref = fag_tvm.reference.flash_attention_score_grad(
+            *npa, dy.numpy(), head_num=n, input_layout=layout,
+            pse_shift=None if pse is None else pse.detach().numpy(), **akw)
+        for name, got, want in zip(("dq", "dk", "dv", "dpse"), grads, ref):
+            assert not a10_problems(name, got.numpy(), want, "float32"), (case, name)
+
+
+def test_native_no_grad_and_non_contiguous_dy():
+    """Under no_grad the native op records nothing; a non-contiguous upstream gradient is copied."""
+    if not torch_native.status()[0]:
+        pytest.skip(torch_native.status()[1])
+    q, k, v = (_t((1, 2, 9, 8), torch.float32, s) for s in range(3))
+    with torch.no_grad():
+        out = ft.npu_fusion_attention(q, k, v, 2, "BNSD", scale=0.3)[0]
+    assert out.grad_fn is None and not out.requires_grad
+    out = ft.npu_fusion_attention(q, k, v, 2, "BNSD", scale=0.3)[0]
+    dy = torch.randn(1, 2, 8, 9).transpose(2, 3)
+    g = torch.autograd.grad(out, (q, k, v), dy)
+    out2 = ft.npu_fusion_attention(q, k, v, 2, "BNSD", scale=0.3, use_custom_op=False)[0]
+    g2 = torch.autograd.grad(out2, (q, k, v), dy.contiguous())
+    assert all(torch.equal(a, b) for a, b in zip(g, g2))
+
+
+def test_native_library_damaged_entry_is_rebuilt(tmp_path, monkeypatch):
+    """The cached extension follows the kernel cache's rules: a truncated or modified library is rebuilt,
+    never loaded (checked here with a stand-in compile command: no 30 s C++ build in the test)."""
+    import sys
+
+    monkeypatch.setenv("FAG_TVM_CACHE", str(tmp_path))
+    builds = []
+
+    def fake_command(out):
+        builds.append(out)
+        return [sys.executable, "-c", f"open({out!r}, 'wb').write(b'x' * 1000)"]
+
+    monkeypatch.setattr(torch_native, "_compile_command", fake_command)
+    monkeypatch.setattr(torch_native, "_build_hash", lambda cmd: "0123456789abcdef")
+    lib = torch_native._library()
+    assert lib.stat().st_size == 1000 and len(builds) == 2  # one command for the hash, one build
+    assert torch_native._library() == lib and len(builds) == 3  # verified: not rebuilt
+    lib.write_bytes(b"x" * 999)
+    with pytest.warns(UserWarning, match="rebuilding"):
+        torch_native._library()
+    assert lib.stat().st_size == 1000 and len(builds) == 5
+
+
+def test_without_the_native_path_the_python_path_runs(tmp_path, monkeypatch):
+    """FAG_TVM_NATIVE=0, or an extension that fails to build: status() says why (a warning for a failed
+    build), and the op still computes through its Python path (same results as the reference)."""
+    import sys
+
+    q, k, v = (_t((1, 2, 9, 8), torch.float32, s) for s in range(3))
+    ref = fag_tvm.reference.flash_attention_score(q.detach().numpy(), k.detach().numpy(), v.detach().numpy(),
+                                                  head_num=2, input_layout="BNSD", scale_value=0.45)
+    monkeypatch.setattr(torch_native, "_BOUND", {})
+    for env, why in (("0", "FAG_TVM_NATIVE=0"), ("1", "failed")):
+        monkeypatch.setitem(torch_native._STATE, "loaded", None)
+        monkeypatch.setenv("FAG_TVM_NATIVE", env)
+        monkeypatch.setenv("FAG_TVM_CACHE", str(tmp_path / env))
+        monkeypatch.setattr(torch_native, "_compile_command",
+                            lambda out: [sys.executable, "-c", "raise SystemExit('no compiler here')"])
+        monkeypatch.setattr(torch_native, "_build_hash", lambda cmd: "0123456789abcdef")
+        if env == "1":
+            with pytest.warns(UserWarning, match="native path is unavailable"):
+                ok, reason = torch_native.status()
+        else:
+            ok, reason = torch_native.status()
+        assert not ok and why in reason
+        out = ft.npu_fusion_attention(q, k, v, 2, "BNSD", scale=0.45)[0]
+        assert out.grad_fn.name() == "FusionAttentionBackward"
+        assert not a10_problems("attention_out", out.detach().numpy(), ref.attention_out, "float32")

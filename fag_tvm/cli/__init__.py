@@ -20,6 +20,7 @@ ENVIRONMENT = """environment variables:
   FAG_TVM_TUNE_VERBOSE     1: show meta-schedule's own logs while tuning
   FAG_TVM_RUNTIME_LIB      path of libtvm_runtime.so (found in the tvm wheel by default)
   FAG_TVM_QUIET            1: no "compiling ..." notices on stderr
+  FAG_TVM_NATIVE           0: the torch op without its native (C++ autograd) path
   TVM_NUM_THREADS          kernel threads (fag_tvm sets it to all usable cores)"""
 
 

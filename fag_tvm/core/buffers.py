@@ -23,6 +23,11 @@ def set_poison(on: bool) -> bool:
     return old
 
 
+def poisoning() -> bool:
+    """Whether fresh float outputs are being NaN-filled (set_poison): allocators outside this module follow it."""
+    return _POISON["on"]
+
+
 _char_at = ctypes.c_char.from_buffer
 
 

@@ -15,6 +15,8 @@ by name in fag_tvm.targets. Everything here is TVM-free; methods that build code
     load                 a library loaded with tvm-ffi only (deploy path: no compiler)
     forward_arrays /     the launcher: packs arguments and runs the phases on this target's arrays
     backward_arrays
+    prepare              optional: a call signature's bound launch (flat buffers of any DLPack kind), what a
+                         repeated call reuses (api.prepared, the torch op); None where the target has none
     workspace_bytes      scratch a backward call needs (fag_tvm.aclnn's GetWorkspaceSize)
     measurement_args /   tuning: arguments of a workload, and the meta-schedule runner (local, RPC,
     make_runner          or a model)
@@ -217,6 +219,12 @@ class Target:
 
     def backward_arrays(self, cfg: Any, a: dict[str, Any], kernels: KernelProvider | None) -> dict[str, Any]:
         raise NotImplementedError
+
+    def prepare(self, cfg: Any, direction: str, a: dict[str, Any], kernels: KernelProvider | None) -> Any:
+        """A bound launch of this call signature, or None (callers then use forward_/backward_arrays). Called
+        with flat, C-contiguous, 64-byte aligned buffers named by its `input_names` and fresh outputs shaped by
+        its `outputs` (see targets/llvm/launch.Launch); returns the fp32 dpse accumulator or None."""
+        return None
 
     def workspace_bytes(self, cfg: Any) -> int:
         """Bytes of scratch a backward call of `cfg` uses (0 if none)."""

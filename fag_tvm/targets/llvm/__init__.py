@@ -134,6 +134,11 @@ class LLVMTarget(Target):
 
         return backward_arrays(cfg, a, kernels)
 
+    def prepare(self, cfg, direction, a, kernels):
+        from .launch import launch_for
+
+        return launch_for(cfg, direction, a, kernels)
+
     def workspace_bytes(self, cfg) -> int:
         from .launch import workspace_bytes
 

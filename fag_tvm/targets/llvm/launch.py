@@ -1,5 +1,6 @@
-"""The LLVM launcher: pack a validated call's NumPy arrays into the ABI (flat, 64-byte aligned buffers +
-bmeta/iparams/fparams) and run the fused kernel (same contract as the reference target)."""
+"""The LLVM launcher: pack a validated call's arrays into the ABI (flat, 64-byte aligned buffers +
+bmeta/iparams/fparams) and run the fused kernel (same contract as the reference target). A `Launch` binds
+everything static about one call signature once; `forward_arrays` / `backward_arrays` drive it on NumPy."""
 from __future__ import annotations
 
 import threading
@@ -10,6 +11,7 @@ import numpy as np
 from ...config import FLT_MAX, OpConfig
 from ...core.abi import STATS_LANES, kernel_spec, runtime_params, total_rows
 from ...core.buffers import ALIGN, aligned_empty, aligned_empty_group, data_ptr, ensure_aligned, kernel_view
+from ...core.memo import BoundedMemo
 from ..base import MAIN, KernelProvider
 from .workspace import workspace_floats
 
@@ -18,24 +20,17 @@ _F32 = np.dtype(np.float32)
 _U16 = np.dtype(np.uint16)
 
 
-_PARAMS: dict[tuple, tuple] = {}
-_PARAMS_MAX = 256
-_PARAMS_LOCK = threading.Lock()
+_PARAMS = BoundedMemo(256)
 
 
 def _aligned_params(cfg: OpConfig, a: dict[str, Any], tile_skip: bool):
     """(bmeta, iparams, fparams) of a call, flat and 64-byte aligned; cached per (config, mask/pse shapes,
-    tile_skip) since they depend on nothing else (the kernels only read them). A hit takes no lock (one
-    dict lookup is atomic); a full cache is simply emptied."""
+    tile_skip) since they depend on nothing else (the kernels only read them)."""
     mask, pse = a.get("atten_mask"), a.get("pse_shift")
     key = (cfg, tile_skip, None if mask is None else mask.shape, None if pse is None else pse.shape)
     p = _PARAMS.get(key)
     if p is None:
-        p = tuple(ensure_aligned(x).reshape(-1) for x in runtime_params(cfg, mask, pse, tile_skip))
-        with _PARAMS_LOCK:
-            if len(_PARAMS) >= _PARAMS_MAX:
-                _PARAMS.clear()
-            _PARAMS[key] = p
+        p = _PARAMS.put(key, tuple(ensure_aligned(x).reshape(-1) for x in runtime_params(cfg, mask, pse, tile_skip)))
     return p
 
 
@@ -51,36 +46,10 @@ def _flat_input(x: np.ndarray | None) -> np.ndarray | None:
     return x.reshape(-1)
 
 
-def _optional_inputs(spec, a: dict[str, Any]) -> list[np.ndarray]:
-    """pse, atten_mask, drop_mask in ABI order, each only when the specialisation reads it."""
-    out = []
-    if spec.pse != "none":
-        out.append(_flat_input(a.get("pse_shift")))
-    if spec.full_mask:
-        out.append(_flat_input(a.get("atten_mask")))
-    if spec.dropout:
-        out.append(_flat_input(a.get("drop_mask")))
-    return out
-
-
-def _call(run, args: list[np.ndarray], n_inputs: int) -> None:
-    """Run the kernel on flat arguments: the first `n_inputs` are the caller's (any alignment: copied to
-    aligned memory when unaligned, an unaligned pointer would fault in the aligned vector loads), the rest
-    are aligned by construction (cached metadata, aligned_empty outputs, workspace). A compiled Kernel's
-    function takes the NumPy arrays directly (tvm-ffi converts them through DLPack: no per-argument
-    Python conversion); any other provider (a tuning capture, a test double) is called with them."""
-    args[:n_inputs] = [x if data_ptr(x) % ALIGN == 0 else ensure_aligned(x) for x in args[:n_inputs]]
-    fn = getattr(run, "functions", None)
-    if fn is None:
-        run(*args)
-    else:
-        fn[MAIN](*args)
-
-
-def _dy_shape(cfg: OpConfig, q: np.ndarray) -> tuple[int, ...]:
+def _dy_shape(cfg: OpConfig, q_shape: tuple[int, ...]) -> tuple[int, ...]:
     if cfg.layout in ("BSH", "SBH"):
-        return (*q.shape[:2], cfg.N1 * cfg.Dv)
-    return (*q.shape[:-1], cfg.Dv)
+        return (*q_shape[:2], cfg.N1 * cfg.Dv)
+    return (*q_shape[:-1], cfg.Dv)
 
 
 def _kernel(kernels: KernelProvider, cfg: OpConfig, direction: str):
@@ -110,61 +79,119 @@ def _workspace(floats: int) -> np.ndarray:
     return ws
 
 
-def _outputs(specs: list[tuple[tuple[int, ...], np.dtype]]) -> list[np.ndarray]:
-    """Aligned outputs in one allocation, bf16 ones allocated as their uint16 bits (what DLPack can carry;
-    the caller gets them back viewed as bf16 by `_as_dtype`)."""
-    return aligned_empty_group([(shape, _U16 if dt.kind not in "fiu" else dt) for shape, dt in specs])
+def _host(x: Any) -> np.ndarray:
+    """A buffer of any DLPack kind (NumPy, torch, ...) as NumPy, zero-copy: for the rare data-dependent checks."""
+    return x if isinstance(x, np.ndarray) else np.from_dlpack(x)
 
 
-def _as_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    return x if x.dtype == dtype else x.view(dtype)
+def _kernel_dtype(dt: np.dtype) -> np.dtype:
+    """The dtype a kernel reads/writes for an array dtype (bf16 as its uint16 bits: what DLPack can carry)."""
+    return _U16 if dt.kind not in "fiu" else dt
+
+
+class Launch:
+    """One validated call's launch with everything static resolved once: the compiled function, the packed
+    metadata for both tile-skip choices, the outputs' shapes and kernel dtypes, the workspace size, and which
+    data-dependent checks apply at all. A bound launch is what a repeated call of one signature reuses
+    (api.prepared, the torch op); `forward_arrays` / `backward_arrays` are its NumPy drivers.
+
+    Calling it takes flat, C-contiguous, 64-byte aligned buffers of any DLPack kind (NumPy arrays, torch
+    tensors) in ABI order -- the caller's inputs named by `input_names`, then fresh outputs shaped by
+    `outputs` (bf16 as uint16 bits) -- and returns the fp32 dpse accumulator (or None)."""
+
+    def __init__(self, cfg: OpConfig, direction: str, a: dict[str, Any], kernels: KernelProvider,
+                 tile_skip: bool | None = None) -> None:
+        run = _kernel(kernels, cfg, direction)
+        self.cfg, self.direction, self.spec = cfg, direction, run.spec
+        fn = getattr(run, "functions", None)
+        self.function = None if fn is None else fn[MAIN]  # the tvm-ffi function (None: not a compiled Kernel)
+        self._fn = run if fn is None else self.function  # any other provider (a tuning capture) is called
+        self.params = {ts: _aligned_params(cfg, a, ts if tile_skip is None else tile_skip) for ts in (True, False)}
+        spec = self.spec
+        optional = (("pse_shift",) if spec.pse != "none" else ()) + (("atten_mask",) if spec.full_mask else ()) \
+            + (("drop_mask",) if spec.dropout else ())
+        q, k, v = (a[n] for n in ("query", "key", "value"))
+        if direction == "fwd":
+            self.input_names = ("query", "key", "value", *optional)
+            stats = (cfg.T, cfg.N1, STATS_LANES) if cfg.tnd else (cfg.B, cfg.N1, cfg.Sq, STATS_LANES)
+            self.outputs = ((_dy_shape(cfg, q.shape), q.dtype), (stats, _F32), (stats, _F32))
+            # A fully masked row without invalid-line handling has uniform P over ALL Skv columns, including
+            # tiles the band rule skipped: such a call is recomputed without skipping (rare; SPEC §8).
+            self.row_check = cfg.band and not cfg.invalid_rows
+            self.workspace_floats = 0
+        else:
+            self.input_names = ("query", "key", "value", "dy", "attention_in", "softmax_max", "softmax_sum",
+                                *optional)
+            self.outputs = ((q.shape, q.dtype), (k.shape, k.dtype), (v.shape, v.dtype))
+            self.row_check = False
+            self.workspace_floats = max(1, workspace_floats(spec, total_rows(cfg)))
+        self.kernel_dtypes = tuple(_kernel_dtype(np.dtype(dt)) for _, dt in self.outputs)
+        # tiles are only ever skipped under a band rule: without one, either choice runs the same code
+        self.band = cfg.band
+        self.dpse_shape = a["pse_shift"].shape if spec.dpse else None
+
+    def __call__(self, inputs: list[Any], outputs: list[Any]) -> np.ndarray | None:
+        if self.direction == "fwd":
+            for tile_skip in (True, False):
+                self._fn(*inputs, *self.params[tile_skip], *outputs)
+                if not self.row_check or not np.any(_host(outputs[1])[::STATS_LANES] == -_F32_MAX):
+                    break
+            return None
+        tile_skip = True
+        if self.band:
+            # Rows that are fully masked but carry ordinary stats (max=-FLT_MAX, sum<FLT_MAX) have uniform P
+            # over every column, skipped tiles included: then no tile may be skipped. (The min() test is the
+            # cheap common case: no row at -FLT_MAX at all.)
+            m8 = _host(inputs[5])[::STATS_LANES]
+            tile_skip = m8.min(initial=0.0) > -_F32_MAX or not np.any(
+                (m8 == -_F32_MAX) & (_host(inputs[6])[::STATS_LANES] != _F32_MAX))
+        dpse = None
+        if self.dpse_shape is not None:
+            dpse = aligned_empty(self.dpse_shape, np.float32)
+            dpse[...] = 0.0
+            outputs = [*outputs, dpse.reshape(-1)]
+        self._fn(*inputs, *self.params[tile_skip], *outputs, _workspace(self.workspace_floats))
+        return dpse
+
+
+def launch_for(cfg: OpConfig, direction: str, a: dict[str, Any], kernels: KernelProvider) -> Launch:
+    """The call's Launch; the JIT provider keeps them per (config, mask and pse shapes)."""
+    memo = getattr(kernels, "by_config", None)
+    if memo is None:
+        return Launch(cfg, direction, a, kernels)
+    mask, pse = a.get("atten_mask"), a.get("pse_shift")
+    key = ("launch", cfg, direction, None if mask is None else mask.shape, None if pse is None else pse.shape)
+    run = memo.get(key)
+    if run is None:
+        run = memo[key] = Launch(cfg, direction, a, kernels)
+    return run
+
+
+def run_arrays(launch: Launch, a: dict[str, Any]) -> dict[str, np.ndarray | None]:
+    """A Launch on NumPy arrays: inputs flattened (unaligned ones copied to aligned memory: an unaligned
+    pointer would fault in the kernels' aligned vector loads), outputs in one aligned allocation."""
+    ins = []
+    for name in launch.input_names:
+        x = _flat_input(a[name])
+        ins.append(x if data_ptr(x) % ALIGN == 0 else ensure_aligned(x))
+    outs = aligned_empty_group([(shape, kdt) for (shape, _), kdt in zip(launch.outputs, launch.kernel_dtypes)])
+    dpse = launch(ins, [o.reshape(-1) for o in outs])
+    outs = [o if o.dtype == dt else o.view(dt) for o, (_, dt) in zip(outs, launch.outputs)]
+    if launch.direction == "fwd":
+        return dict(zip(("attention_out", "softmax_max", "softmax_sum"), outs))
+    pse = a.get("pse_shift")
+    return {"dq": outs[0], "dk": outs[1], "dv": outs[2],
+            "dpse": None if dpse is None else dpse.astype(pse.dtype)}
 
 
 def forward_arrays(cfg: OpConfig, a: dict[str, Any], kernels: KernelProvider) -> dict[str, np.ndarray]:
     """Forward: attention_out (input dtype) and fp32 softmax_max / softmax_sum [..., 8]."""
-    run = _kernel(kernels, cfg, "fwd")
-    qa = a["query"]
-    ins = [_flat_input(qa), _flat_input(a["key"]), _flat_input(a["value"]), *_optional_inputs(run.spec, a)]
-    rows = total_rows(cfg)
-    out, smax, ssum = _outputs([(_dy_shape(cfg, qa), qa.dtype), ((rows * STATS_LANES,), _F32),
-                                ((rows * STATS_LANES,), _F32)])
-    for tile_skip in (True, False):
-        _call(run, [*ins, *_aligned_params(cfg, a, tile_skip), out.reshape(-1), smax, ssum], len(ins))
-        # A fully masked row without invalid-line handling has uniform P over ALL Skv columns, including
-        # tiles the band rule skipped: recompute without skipping (rare; SPEC §8).
-        if cfg.invalid_rows or not cfg.band or not np.any(smax[::STATS_LANES] == -_F32_MAX):
-            break
-    stat_shape = (cfg.T, cfg.N1, STATS_LANES) if cfg.tnd else (cfg.B, cfg.N1, cfg.Sq, STATS_LANES)
-    return {"attention_out": _as_dtype(out, qa.dtype), "softmax_max": smax.reshape(stat_shape),
-            "softmax_sum": ssum.reshape(stat_shape)}
+    return run_arrays(launch_for(cfg, "fwd", a, kernels), a)
 
 
 def backward_arrays(cfg: OpConfig, a: dict[str, Any], kernels: KernelProvider) -> dict[str, np.ndarray | None]:
     """Backward with supplied stats: dq, dk, dv (input dtypes) and dpse (pse dtype) or None."""
-    run = _kernel(kernels, cfg, "bwd")
-    spec = run.spec
-    qa, ka, va = a["query"], a["key"], a["value"]
-    ins = [_flat_input(a[n]) for n in ("query", "key", "value", "dy", "attention_in", "softmax_max",
-                                       "softmax_sum")]
-    ins += _optional_inputs(spec, a)
-    # Rows that are fully masked but carry ordinary stats (max=-FLT_MAX, sum<FLT_MAX) have uniform P over
-    # every column, skipped tiles included: then no tile may be skipped. (The min() test is the cheap
-    # common case: no row at -FLT_MAX at all.)
-    m8 = ins[5][::STATS_LANES]
-    tile_skip = m8.min(initial=0.0) > -_F32_MAX or not np.any((m8 == -_F32_MAX) & (ins[6][::STATS_LANES] != _F32_MAX))
-    dq, dk, dv = _outputs([(qa.shape, qa.dtype), (ka.shape, ka.dtype), (va.shape, va.dtype)])
-    args = [*ins, *_aligned_params(cfg, a, tile_skip), dq.reshape(-1), dk.reshape(-1), dv.reshape(-1)]
-    pse_in = a.get("pse_shift")
-    dpse_acc = None
-    if spec.dpse:
-        dpse_acc = aligned_empty(pse_in.shape, np.float32)
-        dpse_acc[...] = 0.0
-        args.append(dpse_acc.reshape(-1))
-    args.append(_workspace(max(1, workspace_floats(spec, total_rows(cfg)))))
-    _call(run, args, len(ins))
-    dpse = None if dpse_acc is None else dpse_acc.astype(pse_in.dtype)
-    return {"dq": _as_dtype(dq, qa.dtype), "dk": _as_dtype(dk, ka.dtype), "dv": _as_dtype(dv, va.dtype),
-            "dpse": dpse}
+    return run_arrays(launch_for(cfg, "bwd", a, kernels), a)
 
 
 def workspace_bytes(cfg: OpConfig) -> int:
