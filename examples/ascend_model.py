@@ -1,0 +1,52 @@
+"""The ascend-like target's analytic pipeline model on ASCEND_MODEL.md §4.5's shape and a few what-ifs: per
+stage the cycles and the binding pipe, the work items, what caps the main phase, time, TFLOPS, utilisation.
+
+    python examples/ascend_model.py [--machine 910B2] [--json model.json]
+
+A model prediction, not a measurement (no NPU here): machines.json says where every number comes from."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from fag_tvm.targets.ascend_like import machine as am
+from fag_tvm.targets.ascend_like import pipeline_model as pm
+
+
+def rows(m: am.Machine) -> list[tuple[str, pm.Prediction]]:
+    causal = dict(b=1, n1=16, n2=16, s1=4096, s2=4096, dtype="fp16", next_tokens=0)
+    d128, d64 = pm.Shape(d=128, dv=128, **causal), pm.Shape(d=64, dv=64, **causal)
+    out = [(f"D128 CV {bi}x{bi}", pm.predict(d128, pm.Tiling(bi, bi), m)) for bi in (128, 256, 512)]
+    out += [("D128 512x512 fp16 hand-off", pm.predict(d128, pm.Tiling(handoff_bytes=2), m)),
+            ("D128 512x512 deterministic", pm.predict(d128, pm.Tiling(deterministic=True), m)),
+            ("D128 512x512 no double buffer", pm.predict(d128, pm.Tiling(double_buffer=False), m)),
+            ("D64 CV 512x512", pm.predict(d64, pm.Tiling(), m)),
+            ("D64 512x512 fp16 hand-off", pm.predict(d64, pm.Tiling(handoff_bytes=2), m))]
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--machine", default=am.DEFAULT_MACHINE, choices=am.names())
+    p.add_argument("--json", help="also write the predictions here")
+    args = p.parse_args()
+    m = am.load(args.machine)
+    print(f"{m.name}: {m.aic_cores} AIC x {m.aiv_per_aic} AIV at {m.freq_hz / 1e9:.2f} GHz, "
+          f"fp16 cube peak {m.peak_flops / 1e12:.1f} TFLOPS; B=1 N=16 S=4096 causal fp16")
+    print(f"{'case':31s} {'cube1 (pipe)':>13s} {'vector':>12s} {'cube2 (pipe)':>13s} {'P_item':>7s} {'W':>5s} "
+          f"{'main cap':>9s} {'total ms':>8s} {'TFLOPS':>7s} {'util':>6s}")
+    out = []
+    for name, r in rows(m):
+        print(f"{name:31s} {r.cube1.cycles:7.0f} {r.cube1.binding:5s} {r.vector.cycles:6.0f} {r.vector.binding:5s} "
+              f"{r.cube2.cycles:7.0f} {r.cube2.binding:5s} {r.p_item:7.0f} {r.items:5d} {r.main_binding:>9s} "
+              f"{r.total_s * 1e3:8.3f} {r.tflops:7.1f} {r.utilisation:6.1%}")
+        out.append({"case": name, **r.as_dict()})
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"machine": m.name, "predictions": out}, fh, indent=1, default=str)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
