@@ -475,3 +475,39 @@ def test_without_the_native_path_the_python_path_runs(tmp_path, monkeypatch):
         out = ft.npu_fusion_attention(q, k, v, 2, "BNSD", scale=0.45)[0]
         assert out.grad_fn.name() == "FusionAttentionBackward"
         assert not a10_problems("attention_out", out.detach().numpy(), ref.attention_out, "float32")
+
+
+def test_native_path_from_several_threads():
+    """4 threads training through the op at once (3 signatures, first calls racing to bind them): every
+    forward and gradient equals the one computed alone."""
+    import threading
+
+    if not torch_native.status()[0]:
+        pytest.skip(torch_native.status()[1])
+    cases = [("plain", 11), ("bsh_causal", 12), ("gqa_bsnd", 13)]
+    torch_native._BOUND.clear()  # the threads race to bind (register) the signatures
+
+    def one(case, seed):
+        r, g = _run(case, seed)
+        return [x.detach().clone() for x in (*r[:3], *g)]
+
+    results, errors = {}, []
+
+    def work(t):
+        try:
+            for i in range(6):
+                case, seed = cases[(t + i) % len(cases)]
+                results[(t, i)] = (case, seed, one(case, seed))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=600)
+    assert not errors, errors
+    alone = {(c, s): one(c, s) for c, s in cases}
+    assert len(results) == 24
+    for case, seed, got in results.values():
+        assert all(torch.equal(a, b) for a, b in zip(got, alone[(case, seed)])), case
