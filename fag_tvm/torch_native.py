@@ -63,18 +63,47 @@ def _build_hash(cmd: list[str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _library() -> Path:
-    """The built extension in the cache (built here if missing or damaged)."""
-    from .jit import cache_dir, entry_problem  # noqa: PLC0415
+_NAME = "torch_native"
 
-    name = "torch_native"
+
+def _entry() -> tuple[Path, Path, str]:
+    """(library, sidecar, build hash) of this configuration's cache entry; RuntimeError without a compiler."""
+    from .jit import cache_dir  # noqa: PLC0415
+
     cmd = _compile_command("OUT")
     if shutil.which(cmd[0]) is None:
         raise RuntimeError(f"no C++ compiler ({cmd[0]})")
     bhash = _build_hash(cmd)
     folder = cache_dir() / "torch-native" / f"torch-{torch.__version__}"
-    folder.mkdir(parents=True, exist_ok=True)
-    lib, side = folder / f"{name}-{bhash}.so", folder / f"{name}-{bhash}.json"
+    return folder / f"{_NAME}-{bhash}.so", folder / f"{_NAME}-{bhash}.json", bhash
+
+
+def probe() -> str:
+    """What the native path's state is, without building anything (for `fag-tvm info`)."""
+    from .jit import entry_problem  # noqa: PLC0415
+
+    if _STATE["loaded"] is not None:
+        return "loaded" if _STATE["loaded"] else f"unavailable: {_STATE['reason']}"
+    if os.environ.get("FAG_TVM_NATIVE", "1") == "0":
+        return "disabled by FAG_TVM_NATIVE=0"
+    try:
+        lib, side, bhash = _entry()
+    except Exception as exc:  # noqa: BLE001 - a probe reports
+        return f"unavailable: {exc}"
+    problem = entry_problem(lib, side, _NAME, bhash) if (lib.exists() or side.exists()) else "missing"
+    if problem is None:
+        return f"built ({lib})"
+    return "not built yet: compiled on first use (~30 s)" if problem == "missing" else \
+        f"cache entry damaged ({problem}): rebuilt on first use"
+
+
+def _library() -> Path:
+    """The built extension in the cache (built here if missing or damaged)."""
+    from .jit import entry_problem  # noqa: PLC0415
+
+    name = _NAME
+    lib, side, bhash = _entry()
+    lib.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(str(lib) + ".lock"):
         problem = entry_problem(lib, side, name, bhash) if (lib.exists() or side.exists()) else "missing"
         if problem is not None:

@@ -441,13 +441,17 @@ def test_native_library_damaged_entry_is_rebuilt(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch_native, "_compile_command", fake_command)
     monkeypatch.setattr(torch_native, "_build_hash", lambda cmd: "0123456789abcdef")
+    monkeypatch.setitem(torch_native._STATE, "loaded", None)  # probe() as in a fresh process
+    assert torch_native.probe().startswith("not built yet")
     lib = torch_native._library()
-    assert lib.stat().st_size == 1000 and len(builds) == 2  # one command for the hash, one build
-    assert torch_native._library() == lib and len(builds) == 3  # verified: not rebuilt
+    assert lib.stat().st_size == 1000 and len(builds) == 3  # probe's and the build's hash commands, one build
+    assert torch_native.probe().startswith("built")
+    assert torch_native._library() == lib and len(builds) == 5  # verified: not rebuilt
     lib.write_bytes(b"x" * 999)
+    assert "damaged" in torch_native.probe()  # info reports it, nothing is loaded
     with pytest.warns(UserWarning, match="rebuilding"):
         torch_native._library()
-    assert lib.stat().st_size == 1000 and len(builds) == 5
+    assert lib.stat().st_size == 1000 and len(builds) == 8
 
 
 def test_without_the_native_path_the_python_path_runs(tmp_path, monkeypatch):

@@ -36,8 +36,25 @@ def collect() -> dict:
             hw[name] = f"unavailable: {exc}"
     info["hardware"] = hw
     info["source_hash"] = hashes
+    info["torch_op"] = _torch_op()
     info["environment"] = {k: os.environ[k] for k in sorted(os.environ) if k.startswith(("FAG_TVM_", "TVM_NUM"))}
     return info
+
+
+def _torch_op() -> dict:
+    """torch's version and the torch op's native path state (probed: nothing is built here)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return {"torch": "not installed"}
+    try:
+        import torch
+
+        from .. import torch_native
+
+        return {"torch": torch.__version__, "native_path": torch_native.probe()}
+    except Exception as exc:  # noqa: BLE001 - info reports
+        return {"torch": f"unusable: {exc}"}
 
 
 def run(args: argparse.Namespace) -> int:
