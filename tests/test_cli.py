@@ -23,7 +23,8 @@ def cli(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=e, timeout=timeout)
 
 
-@pytest.mark.parametrize("cmd", ["info", "quickstart", "compile", "bench", "tune", "report", "cache", "inspect"])
+@pytest.mark.parametrize("cmd", ["info", "quickstart", "compile", "bench", "tune", "report", "explore", "cache",
+                                 "inspect"])
 def test_subcommand_help(cmd):
     r = cli(cmd, "--help")
     assert r.returncode == 0 and "usage" in r.stdout, r.stderr
@@ -85,3 +86,52 @@ def test_unknown_target_is_one_line(tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     r = cli("--debug", "compile", "--workloads", '{"B": 1}', "--out", str(tmp_path / "p"))
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_explore_2x2_grid_json(tmp_path):
+    """`explore` on llvm: a 2x2 grid plus an infeasible axis value, from the console script; the JSON holds
+    every point (pruned ones with the template's reason), each feasible one checked against the default's
+    result, timed `repeat` times, ranked, with ratios to the default and the machine's roof."""
+    wl = tmp_path / "wl.json"
+    wl.write_text(json.dumps(SMALL_WL))
+    out = tmp_path / "ex.json"
+    r = cli("explore", "--workload", str(wl), "--vary", "block_q=16,32,12", "--vary", "block_kv=16,32",
+            "--set", "mr=2", "--repeat", "3", "--json", str(out), env={"FAG_TVM_QUIET": "1"})
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["target"] == "llvm" and res["direction"] == "bwd" and res["roof"]["gflops"] > 0
+    grid = [p for p in res["points"] if p["role"] == "grid"]
+    assert len(grid) == 6 and {(p["knobs"]["block_q"], p["knobs"]["block_kv"]) for p in grid} == \
+        {(q, kv) for q in (16, 32, 12) for kv in (16, 32)}
+    pruned = [p for p in grid if not p["feasible"]]
+    assert {p["knobs"]["block_q"] for p in pruned} == {12} and all(p["reason"] for p in pruned)
+    timed = [p for p in res["points"] if p["feasible"]]
+    assert len(timed) >= 4 and all(p["knobs"]["mr"] == 2 for p in grid)
+    assert any(p["is_default"] for p in res["points"])
+    for p in timed:
+        assert not p["problems"] and len(p["times_ms"]) == 3 and p["min_ms"] <= p["median_ms"] <= p["max_ms"]
+        assert p["gflops"] > 0 and p["vs_default"] > 0 and p["roof_pct"] > 0
+    assert sorted(p["rank"] for p in timed) == list(range(1, len(timed) + 1))
+    assert "pruned:" in r.stdout and "block_q" in r.stdout
+
+
+def test_explore_bad_knob_is_one_line(tmp_path):
+    r = cli("explore", "--workload", "S1", "--vary", "warp=1,2")
+    assert r.returncode == 2 and "unknown knob 'warp'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_inspect_diff_of_two_knob_settings(tmp_path):
+    """`inspect --diff knob=v`: a unified diff of the two kernels' TIR, differing where the knob acts (the tile
+    buffers), names stripped; an infeasible second setting is a one-line error."""
+    wl = tmp_path / "wl.json"
+    wl.write_text(json.dumps(SMALL_WL))
+    r = cli("inspect", "--workload", str(wl), "--set", "block_kv=16", "--diff", "block_kv=32")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("# --- fag_bwd_llvm") and "bkv16" in lines[0] and "bkv32" in lines[1]
+    minus = [x for x in lines if x.startswith("-") and not x.startswith("---")]
+    plus = [x for x in lines if x.startswith("+") and not x.startswith("+++")]
+    assert minus and plus and any("alloc_buffer" in x and "16" in x for x in minus)
+    assert any("alloc_buffer" in x and "32" in x for x in plus)
+    bad = cli("inspect", "--workload", str(wl), "--diff", "block_kv=12")
+    assert bad.returncode == 2 and "infeasible" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from . import bench, cache, compile, info, inspect, quickstart, tune
+from . import bench, cache, compile, explore, info, inspect, quickstart, tune
 
 ENVIRONMENT = """environment variables:
   FAG_TVM_CACHE            kernel cache folder (default ~/.cache/fag_tvm)
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"fag-tvm {__version__}")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     sub = p.add_subparsers(dest="cmd", required=True)
-    for m in (info, quickstart, compile, bench, tune, cache, inspect):
+    for m in (info, quickstart, compile, bench, tune, explore, cache, inspect):
         m.add(sub)
     return p
 

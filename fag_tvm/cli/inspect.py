@@ -1,6 +1,6 @@
 """`fag-tvm inspect`: what a kernel compiles to — its TIR, LLVM IR or assembly — for a kernel key (from
 `fag-tvm cache list` or an error message) or a workload, with the knobs the build would use or
-overridden with --set knob=value."""
+overridden with --set knob=value; --diff knob=value shows a unified diff against a second setting."""
 from __future__ import annotations
 
 import argparse
@@ -62,10 +62,31 @@ def render(t, spec, knobs, hw, show: str) -> str:
     return ex.mod.inspect_source({"llvm": "ll", "asm": "asm"}[show])
 
 
+def _diff(t, spec, knobs, hw, args) -> tuple[str, str]:
+    """(header, unified diff) of what the kernel compiles to with `knobs` and with --diff's overrides."""
+    import difflib
+
+    from ..errors import invalid
+
+    other = _knob_overrides(t, spec, knobs, args.diff)
+    ok, why = t.prune(spec, other, hw)
+    if not ok:
+        raise invalid("--diff", f"infeasible knobs {other}: {why}")
+    a, b = t.entry_name(spec, knobs, hw), t.entry_name(spec, other, hw)
+    # the entry names differ by the knobs: strip them so that only the code's differences show
+    ta = render(t, spec, knobs, hw, args.show).replace(a, "KERNEL")
+    tb = render(t, spec, other, hw, args.show).replace(b, "KERNEL")
+    diff = "".join(difflib.unified_diff(ta.splitlines(keepends=True), tb.splitlines(keepends=True), a, b, n=3))
+    return f"# --- {a}\n# +++ {b}\n", diff or "(no difference)\n"
+
+
 def run(args: argparse.Namespace) -> int:
     t, spec, knobs, hw, origin = resolve(args)
-    text = render(t, spec, knobs, hw, args.show)
-    header = f"# {t.entry_name(spec, knobs, hw)}  (knobs: {origin})\n"
+    if args.diff:
+        header, text = _diff(t, spec, knobs, hw, args)
+    else:
+        text = render(t, spec, knobs, hw, args.show)
+        header = f"# {t.entry_name(spec, knobs, hw)}  (knobs: {origin})\n"
     if args.out:
         with open(args.out, "w") as f:
             f.write(header + text)
@@ -83,5 +104,7 @@ def add(sub) -> None:
     s.add_argument("--target", default="llvm")
     s.add_argument("--set", action="append", metavar="KNOB=VALUE", help="override a knob (repeatable)")
     s.add_argument("--show", choices=("tir", "llvm", "asm"), default="tir")
+    s.add_argument("--diff", action="append", metavar="KNOB=VALUE",
+                   help="show a unified diff against the same kernel with this knob changed (repeatable)")
     s.add_argument("--out", help="write to a file instead of stdout")
     s.set_defaults(fn=run)
