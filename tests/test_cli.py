@@ -96,8 +96,13 @@ def test_explore_2x2_grid_json(tmp_path):
     wl.write_text(json.dumps(SMALL_WL))
     out = tmp_path / "ex.json"
     r = cli("explore", "--workload", str(wl), "--vary", "block_q=16,32,12", "--vary", "block_kv=16,32",
-            "--set", "mr=2", "--repeat", "3", "--json", str(out), env={"FAG_TVM_QUIET": "1"})
+            "--set", "mr=2", "--repeat", "3", "--json", str(out), "--report", str(tmp_path / "rep"),
+            env={"FAG_TVM_QUIET": "1"})
     assert r.returncode == 0, r.stderr
+    for f in ("index.html", "grid.png", "roofline.png", "exploration.json"):
+        assert (tmp_path / "rep" / f).stat().st_size > 0, f
+    roofline = json.loads((tmp_path / "rep" / "exploration.json").read_text())["roofline"]
+    assert roofline["intensity_flop_per_byte"] > 0 and roofline["bound"] in ("compute", "memory")
     res = json.loads(out.read_text())
     assert res["target"] == "llvm" and res["direction"] == "bwd" and res["roof"]["gflops"] > 0
     grid = [p for p in res["points"] if p["role"] == "grid"]

@@ -31,7 +31,13 @@ def run(args: argparse.Namespace) -> int:
     threads = int(os.environ.get("TVM_NUM_THREADS", "0")) or None
     roof = None if args.no_roof else bench.measure_roof(threads or os.cpu_count() or 1, "fp32")
     result = explore(args.target, w, args.direction, _pairs(args.set, "--set", False), vary, args.repeat, roof)
-    print(format_table(result, list(vary)))
+    table = format_table(result, list(vary))
+    print(table)
+    if args.report:
+        from ..explore_report import write_report
+
+        write_report(result, list(vary), w, args.report, table)
+        print(f"wrote {args.report}/index.html (grid.png{'' if args.no_roof else ', roofline.png'})")
     if args.json:
         atomic_write_json(args.json, result)
         print(f"wrote {args.json}")
@@ -52,4 +58,5 @@ def add(sub) -> None:
     s.add_argument("--repeat", type=int_at_least(1), default=5, help="timed calls per point (alternating)")
     s.add_argument("--no-roof", action="store_true", help="skip measuring the machine's GEMM roof")
     s.add_argument("--json", help="write the exploration as JSON")
+    s.add_argument("--report", metavar="DIR", help="also write an HTML + PNG report (grid, roofline) here")
     s.set_defaults(fn=run)
