@@ -31,12 +31,13 @@ from torch import Tensor
 
 from . import api
 from .core.files import atomic_output, atomic_write_json, file_lock, sha256_file
+from .core.memo import BoundedMemo
 
 SOURCE = Path(__file__).with_name("csrc") / "torch_native.cpp"
 _STATE: dict[str, Any] = {"loaded": None, "reason": ""}
 _LOAD_LOCK = threading.Lock()
-_MAX_SIGNATURES = 1024  # bound signatures kept (each holds two registered launches; the extension has 4096)
-_BOUND: dict[tuple, Optional[tuple[int, int, bool]]] = {}
+_BOUND = BoundedMemo(1024)  # call signature -> (forward launch id, backward launch id, dpse) or None
+_REGISTERED: dict[int, tuple[Any, int]] = {}  # id(Launch) -> (the Launch, kept alive; its extension id)
 _FLAGS = ("backward", "pse", "mask", "drop", "band", "row_check", "dpse")
 
 
@@ -146,7 +147,17 @@ def status() -> tuple[bool, str]:
 
 
 def _register(launch: Any) -> int:
-    """A Launch's static part handed to the extension (its metadata arrays are shared, not copied)."""
+    """The extension's id of a Launch: its static part handed over once (metadata arrays shared, not
+    copied). Signatures that differ only in the compressed mask's buffer share one Launch (the target memoizes
+    them per config and mask shape), so a new mask tensor every step registers nothing new."""
+    with _LOAD_LOCK:
+        known = _REGISTERED.get(id(launch))
+        if known is not None and known[0] is launch:
+            return known[1]
+        return _register_new(launch)
+
+
+def _register_new(launch: Any) -> int:
     flags = dict(backward=launch.direction == "bwd", pse="pse_shift" in launch.input_names,
                  mask="atten_mask" in launch.input_names, drop="drop_mask" in launch.input_names,
                  band=launch.band, row_check=launch.row_check, dpse=launch.dpse_shape is not None)
@@ -154,9 +165,10 @@ def _register(launch: Any) -> int:
     shapes: list[int] = []
     for shape, _ in launch.outputs:
         shapes += [len(shape), *shape]
-    return torch.ops.fag_tvm_native.register_launch(launch.function.__chandle__(), params,
-                                                    [int(flags[f]) for f in _FLAGS], shapes,
-                                                    launch.workspace_floats)
+    rid = torch.ops.fag_tvm_native.register_launch(launch.function.__chandle__(), params,
+                                                   [int(flags[f]) for f in _FLAGS], shapes, launch.workspace_floats)
+    _REGISTERED[id(launch)] = (launch, rid)
+    return rid
 
 
 def _placeholders(fwd: Any, a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -175,7 +187,8 @@ def _bind(a: dict[str, np.ndarray], scalar_key: tuple, scalars: Callable[[], dic
     bwd = api.prepared("bwd", _placeholders(fwd.launch, a), scalar_key, scalars)
     if bwd is None or bwd.launch is None or getattr(bwd.launch, "function", None) is None:
         return None
-    if torch.ops.fag_tvm_native.capacity() < 2:
+    new = sum(_REGISTERED.get(id(x), (None,))[0] is not x for x in (fwd.launch, bwd.launch))
+    if torch.ops.fag_tvm_native.capacity() < new:
         return None
     return _register(fwd.launch), _register(bwd.launch), bwd.launch.dpse_shape is not None
 
@@ -198,9 +211,7 @@ def attention(query: Tensor, key: Tensor, value: Tensor, pse: Optional[Tensor], 
 
         a = numpy_arrays(dict(query=query, key=key, value=value, pse_shift=pse, atten_mask=atten_mask,
                               drop_mask=drop_mask))
-        ids = _bind(a, scalar_key, scalars)
-        if len(_BOUND) < _MAX_SIGNATURES:
-            _BOUND[key_] = ids
+        ids = _BOUND.put(key_, _bind(a, scalar_key, scalars))
     if ids is None:
         return None
     fwd, bwd, has_dpse = ids

@@ -515,3 +515,22 @@ def test_native_path_from_several_threads():
     assert len(results) == 24
     for case, seed, got in results.values():
         assert all(torch.equal(a, b) for a, b in zip(got, alone[(case, seed)])), case
+
+
+def test_native_path_a_new_mask_tensor_every_step_registers_nothing_new():
+    """A training loop that builds its compressed causal mask every step (a new buffer each time, so a new
+    call signature) reuses the launches bound for the first one: the extension's slots are not used up."""
+    if not torch_native.status()[0]:
+        pytest.skip(torch_native.status()[1])
+    q, k, v = (_t((1, 2, 40, 16), torch.float32, s) for s in range(3))
+    outs, alive = [], []
+    for step in range(6):
+        mask = torch.from_numpy(masks.compressed_causal_mask().copy())  # a fresh buffer every step
+        alive.append(mask)  # kept alive: every step's buffer has its own address
+        out = ft.npu_fusion_attention(q, k, v, 2, "BNSD", scale=0.25, atten_mask=mask, sparse_mode=2)[0]
+        if step == 0:
+            slots = torch.ops.fag_tvm_native.capacity()
+        outs.append(out.detach())
+        out.sum().backward()
+    assert len({m.data_ptr() for m in alive}) == 6 and torch.ops.fag_tvm_native.capacity() == slots
+    assert all(torch.equal(o, outs[0]) for o in outs)
