@@ -156,3 +156,24 @@ def test_bad_shapes_are_fag_errors(kw, param):
 def test_bad_tilings_are_fag_errors(kw, param):
     with pytest.raises(FagError, match=param):
         pm.Tiling(**kw)
+
+
+def test_calibration_reproduces_the_stored_fit():
+    """calibration.fit() re-derives the '910B2-fitted' machine's F-labelled values; the forward model then
+    matches torch_npu's forward at S = 8k-32k within 10% (the fitted range), and the backward with the
+    fitted numbers keeps CANN's default in the 40-55% band and large CV blocks ahead of small ones."""
+    from fag_tvm.targets.ascend_like import calibration
+
+    cal = calibration.fit()
+    stored = am.load("910B2-fitted")
+    assert cal.fixpipe_rate == pytest.approx(stored.fixpipe_rate, abs=0.05)
+    assert cal.sigma == pytest.approx(stored.flag_latency_cycles, abs=1)
+    assert cal.forward_vector_ops == pytest.approx(9.6)
+    labels = {p: lab for p, _, lab, _ in stored.sources}
+    assert labels["fixpipe_rate"] == labels["flag_latency_cycles"] == "F"
+    for s, measured, predicted in cal.rows:
+        if s in calibration.FITTED_SIZES:
+            assert abs(predicted / measured - 1) < 0.10, (s, measured, predicted)
+    fitted = {bi: pm.predict(LONG_CAUSAL, pm.Tiling(bi, bi), stored) for bi in (128, 256, 512)}
+    assert 0.40 <= fitted[512].utilisation <= 0.55
+    assert fitted[512].total_s < fitted[128].total_s and fitted[256].total_s < fitted[128].total_s
