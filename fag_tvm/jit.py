@@ -26,6 +26,7 @@ from typing import Any
 
 from . import _tvm, targets
 from .core.files import atomic_output, atomic_write_json, file_lock, read_json, sha256_file
+from .core.memo import BoundedMemo
 from .core.spec import KernelSpec
 from .targets.base import Kernel, KernelProvider, Target
 
@@ -101,7 +102,7 @@ def provider(target: str | Target) -> KernelProvider:
 
         p.target = t  # type: ignore[attr-defined]
         p.resolved = resolved  # type: ignore[attr-defined]
-        p.by_config = {}  # type: ignore[attr-defined]  # launchers' per-config memo (see targets/llvm/launch)
+        p.by_config = BoundedMemo(4096)  # type: ignore[attr-defined]  # launchers' per-config memo (llvm/launch)
         _PROVIDERS[t.name] = p
     return p
 

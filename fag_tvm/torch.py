@@ -334,9 +334,10 @@ def npu_fusion_attention(query: Tensor, key: Tensor, value: Tensor, head_num: in
     gen_mask_parallel and sync are accepted for compatibility (they only concern NPU streams).
 
     use_custom_op: None (default) uses the registered custom op under torch.compile; in eager mode, plain CPU
-    tensors take the native path (fag_tvm.torch_native: a C++ autograd op, the low-overhead path) where it
-    is available, else FusionAttention, which calls the implementation directly for plain CPU tensors and
-    the custom op otherwise (meta/fake tensors, dispatch modes); True always the custom op, False always
+    tensors that need gradients take the native path (fag_tvm.torch_native: a C++ autograd op, the
+    low-overhead training path) where it is available, else FusionAttention, which calls the implementation
+    directly for plain CPU tensors and the custom op otherwise (meta/fake tensors, dispatch modes); without
+    gradients the implementation is called directly; True always the custom op, False always
     FusionAttention."""
     if padding_mask is not None:
         raise invalid("padding_mask", "unsupported: reserved in CANN (not used by the operator); pass None")
@@ -361,7 +362,8 @@ def npu_fusion_attention(query: Tensor, key: Tensor, value: Tensor, head_num: in
     else:
         r = None
         direct = use_custom_op is None and _direct(query, key, value, pse, atten_mask, drop_mask)
-        if direct:  # eager, plain CPU tensors: the native path where this call has one
+        if direct and _needs_grad(query, key, value, pse):  # eager training, plain CPU tensors: the native
+            # path where this call has one (it binds the backward too: inference takes _fwd_impl below)
             resolved = (*scalars[:-1], _target(query, scalars[-1]))
             r = torch_native.attention(query, key, value, pse, atten_mask, drop_mask, _scalar_key(resolved),
                                        lambda: _kwargs(*resolved), poisoning())

@@ -146,18 +146,32 @@ def status() -> tuple[bool, str]:
     return _load(), _STATE["reason"]
 
 
-def _register(launch: Any) -> int:
-    """The extension's id of a Launch: its static part handed over once (metadata arrays shared, not
-    copied). Signatures that differ only in the compressed mask's buffer share one Launch (the target memoizes
-    them per config and mask shape), so a new mask tensor every step registers nothing new."""
+def _registered(launch: Any) -> Optional[int]:
+    known = _REGISTERED.get(id(launch))
+    return known[1] if known is not None and known[0] is launch else None
+
+
+def _register_pair(fwd: Any, bwd: Any) -> Optional[tuple[int, int]]:
+    """The extension's ids of a forward and a backward Launch, each handed over once (metadata arrays shared,
+    not copied). Signatures that differ only in the compressed mask's buffer share their Launches (the target
+    memoizes them per config and mask shape), so a new mask tensor every step registers nothing new. None
+    when the extension's table is full (then the Python path runs; said once)."""
     with _LOAD_LOCK:
-        known = _REGISTERED.get(id(launch))
-        if known is not None and known[0] is launch:
-            return known[1]
-        return _register_new(launch)
+        need = [x for x in (fwd, bwd) if _registered(x) is None]
+        if len(need) > torch.ops.fag_tvm_native.capacity():
+            if not _STATE.get("full_warned"):
+                _STATE["full_warned"] = True
+                warnings.warn("fag_tvm: the torch op's native path has registered its maximum number of launches "
+                              "(many distinct call signatures, e.g. varying TND lengths); new signatures use the "
+                              "Python path", stacklevel=4)
+            return None
+        for x in need:
+            _REGISTERED[id(x)] = (x, _register_new(x))
+        return _registered(fwd), _registered(bwd)
 
 
 def _register_new(launch: Any) -> int:
+    """Hand one Launch's static part to the extension (under _LOAD_LOCK)."""
     flags = dict(backward=launch.direction == "bwd", pse="pse_shift" in launch.input_names,
                  mask="atten_mask" in launch.input_names, drop="drop_mask" in launch.input_names,
                  band=launch.band, row_check=launch.row_check, dpse=launch.dpse_shape is not None)
@@ -165,10 +179,9 @@ def _register_new(launch: Any) -> int:
     shapes: list[int] = []
     for shape, _ in launch.outputs:
         shapes += [len(shape), *shape]
-    rid = torch.ops.fag_tvm_native.register_launch(launch.function.__chandle__(), params,
-                                                   [int(flags[f]) for f in _FLAGS], shapes, launch.workspace_floats)
-    _REGISTERED[id(launch)] = (launch, rid)
-    return rid
+    return torch.ops.fag_tvm_native.register_launch(launch.function.__chandle__(), params,
+                                                    [int(flags[f]) for f in _FLAGS], shapes,
+                                                    launch.workspace_floats)
 
 
 def _placeholders(fwd: Any, a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -187,10 +200,8 @@ def _bind(a: dict[str, np.ndarray], scalar_key: tuple, scalars: Callable[[], dic
     bwd = api.prepared("bwd", _placeholders(fwd.launch, a), scalar_key, scalars)
     if bwd is None or bwd.launch is None or getattr(bwd.launch, "function", None) is None:
         return None
-    new = sum(_REGISTERED.get(id(x), (None,))[0] is not x for x in (fwd.launch, bwd.launch))
-    if torch.ops.fag_tvm_native.capacity() < new:
-        return None
-    return _register(fwd.launch), _register(bwd.launch), bwd.launch.dpse_shape is not None
+    ids = _register_pair(fwd.launch, bwd.launch)
+    return None if ids is None else (*ids, bwd.launch.dpse_shape is not None)
 
 
 def attention(query: Tensor, key: Tensor, value: Tensor, pse: Optional[Tensor], atten_mask: Optional[Tensor],

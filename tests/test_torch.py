@@ -534,3 +534,16 @@ def test_native_path_a_new_mask_tensor_every_step_registers_nothing_new():
         out.sum().backward()
     assert len({m.data_ptr() for m in alive}) == 6 and torch.ops.fag_tvm_native.capacity() == slots
     assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+def test_inference_calls_bind_no_backward():
+    """Without gradients the op takes the direct implementation: no native binding, so no backward kernel is
+    compiled or memory-checked for an inference-only call."""
+    if not torch_native.status()[0]:
+        pytest.skip(torch_native.status()[1])
+    q, k, v = (_t((1, 2, 23, 8), torch.float32, s).detach() for s in range(3))
+    before = len(torch_native._BOUND)
+    out = ft.npu_fusion_attention(q, k, v, 2, "BNSD", scale=0.35)[0]
+    with torch.no_grad():
+        ft.npu_fusion_attention(q.requires_grad_(), k, v, 2, "BNSD", scale=0.35)
+    assert out.grad_fn is None and len(torch_native._BOUND) == before

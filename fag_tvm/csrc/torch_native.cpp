@@ -236,12 +236,6 @@ std::vector<at::Tensor> run_backward(const Launch& l, const at::Tensor& dy, cons
   return {dq, dk, dv, dpse};
 }
 
-struct Saved {
-  int64_t bwd;
-  bool pse_grad;
-  bool poison;
-};
-
 class FusionAttention : public torch::autograd::Function<FusionAttention> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q,
@@ -250,7 +244,10 @@ class FusionAttention : public torch::autograd::Function<FusionAttention> {
                                                 const c10::optional<at::Tensor>& mask,
                                                 const c10::optional<at::Tensor>& drop, int64_t fwd,
                                                 int64_t bwd, bool pse_grad, bool poison) {
-    std::vector<at::Tensor> o = run_forward(launch_at(fwd), q, k, v, pse, mask, drop, poison);
+    const Launch& lf = launch_at(fwd);
+    TORCH_CHECK(!lf.flags[kBackward] && launch_at(bwd).flags[kBackward],
+                "fag_tvm_native: launch ", fwd, " must be a forward and ", bwd, " a backward");
+    std::vector<at::Tensor> o = run_forward(lf, q, k, v, pse, mask, drop, poison);
     ctx->save_for_backward({q, k, v, o[0], o[1], o[2], pse.value_or(at::Tensor()),
                             mask.value_or(at::Tensor()), drop.value_or(at::Tensor())});
     ctx->mark_non_differentiable({o[1], o[2]});  // softmax statistics: outputs, not differentiable

@@ -60,7 +60,7 @@ def _kernel(kernels: KernelProvider, cfg: OpConfig, direction: str):
     key = (cfg, direction)
     run = memo.get(key)
     if run is None:
-        run = memo[key] = kernels(kernel_spec(cfg, direction))
+        run = _put(memo, key, kernels(kernel_spec(cfg, direction)))
     return run
 
 
@@ -163,8 +163,17 @@ def launch_for(cfg: OpConfig, direction: str, a: dict[str, Any], kernels: Kernel
     key = ("launch", cfg, direction, None if mask is None else mask.shape, None if pse is None else pse.shape)
     run = memo.get(key)
     if run is None:
-        run = memo[key] = Launch(cfg, direction, a, kernels)
+        run = _put(memo, key, Launch(cfg, direction, a, kernels))
     return run
+
+
+def _put(memo: dict, key: tuple, value: Any) -> Any:
+    """Store in a provider's memo: bounded (BoundedMemo.put) where it is one, a plain dict otherwise."""
+    put = getattr(memo, "put", None)
+    if put is not None:
+        return put(key, value)
+    memo[key] = value
+    return value
 
 
 def run_arrays(launch: Launch, a: dict[str, Any]) -> dict[str, np.ndarray | None]:
