@@ -1,7 +1,10 @@
 """The ascend-like target's analytic pipeline model on ASCEND_MODEL.md §4.5's shape and a few what-ifs: per
 stage the cycles and the binding pipe, the work items, what caps the main phase, time, TFLOPS, utilisation.
 
-    python examples/ascend_model.py [--machine 910B2] [--json model.json]
+    python examples/ascend_model.py [--machine 910B2] [--json model.json] [--suite]
+
+--suite adds, per suite shape (S1..S9), CANN's default tiling next to the model-best feasible tiling
+(targets/ascend_like/search.py) with each one's binding pipe and work-item count.
 
 A model prediction, not a measurement (no NPU here): machines.json says where every number comes from."""
 from __future__ import annotations
@@ -25,10 +28,30 @@ def rows(m: am.Machine) -> list[tuple[str, pm.Prediction]]:
     return out
 
 
+def suite_table(m: am.Machine) -> list[dict]:
+    """CANN's default vs the model-best tiling per suite shape, printed and returned."""
+    from fag_tvm.targets.ascend_like import search
+    from fag_tvm.workloads import SUITE
+
+    print(f"\n{'shape':5s} {'CANN default':38s} {'W':>5s} {'us':>8s} {'c1':>4s} {'util':>6s} | "
+          f"{'model-best':44s} {'W':>5s} {'us':>8s} {'c1':>4s} {'util':>6s} {'x':>5s}")
+    rows = []
+    for sid, w in SUITE.items():
+        r = search.search(w, m)
+        d, b = r.default_prediction, r.best_prediction
+        print(f"{sid:5s} {r.default.tag():38s} {d.items:5d} {d.total_s * 1e6:8.1f} {d.cube1.binding:>4s} "
+              f"{d.utilisation:6.1%} | {r.best.tag():44s} {b.items:5d} {b.total_s * 1e6:8.1f} "
+              f"{b.cube1.binding:>4s} {b.utilisation:6.1%} {r.speedup:5.2f}")
+        rows.append({"id": sid, "default": r.default.tag(), "best": r.best.tag(), "speedup": r.speedup,
+                     "default_us": d.total_s * 1e6, "best_us": b.total_s * 1e6, "points": r.points})
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--machine", default=am.DEFAULT_MACHINE, choices=am.names())
     p.add_argument("--json", help="also write the predictions here")
+    p.add_argument("--suite", action="store_true", help="also search the suite shapes' tilings")
     args = p.parse_args()
     m = am.load(args.machine)
     print(f"{m.name}: {m.aic_cores} AIC x {m.aiv_per_aic} AIV at {m.freq_hz / 1e9:.2f} GHz, "
@@ -41,9 +64,10 @@ def main() -> int:
               f"{r.cube2.cycles:7.0f} {r.cube2.binding:5s} {r.p_item:7.0f} {r.items:5d} {r.main_binding:>9s} "
               f"{r.total_s * 1e3:8.3f} {r.tflops:7.1f} {r.utilisation:6.1%}")
         out.append({"case": name, **r.as_dict()})
+    suite = suite_table(m) if args.suite else []
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"machine": m.name, "predictions": out}, fh, indent=1, default=str)
+            json.dump({"machine": m.name, "predictions": out, "suite": suite}, fh, indent=1, default=str)
         print(f"wrote {args.json}")
     return 0
 

@@ -13,7 +13,7 @@ Knobs
 - db_l1, db_l0, db_ub: buffers per scope (2 = ping-pong, what lets pipes overlap; 1 = the sum rule).
 - db_l0c: L0C accumulator buffers (CANN single-buffers a 128 x 256 fp32 tile at D = 64; the model does
   not price it: the FixPipe drains while the next tile's operands load [I]).
-- handoff_bytes: S/dP cube -> vector width (4 = fp32, CANN; 2 = fp16).
+- handoff_bytes: S/dP cube -> vector width (4 = fp32, CANN; 2 = fp16, for 2-byte inputs only).
 - kv_resident: the K/V slices of a CV column stay in L1 over its S1 blocks.
 - dkdv: where dK/dV accumulate: "gm" (fp32 workspace, fixpipe atomics, CANN) or "l1" (KV-outer, resident
   in L1, written once per column; atomics only for dQ).
@@ -120,6 +120,8 @@ def prune(spec: Any, k: Knobs, hw: Any) -> tuple[bool, str]:
         return False, f"unknown choice (dkdv {k.dkdv!r}, accumulate {k.accumulate!r}, handoff {k.handoff_bytes!r})"
     if min(k.db_l1, k.db_l0, k.db_ub, k.db_l0c) < 1 or max(k.db_l1, k.db_l0, k.db_ub, k.db_l0c) > 2:
         return False, "buffers per scope must be 1 or 2"
+    if k.handoff_bytes < DTYPE_BYTES[spec.dtype]:
+        return False, f"handoff_bytes={k.handoff_bytes} would round fp32 S/dP below the inputs' precision"
     for name in ("cv_s1", "cv_s2", "base_m", "base_n"):
         v = getattr(k, name)
         if v < frac or v % frac:
@@ -158,7 +160,8 @@ def cann_default(spec: Any, s1: int, s2: int, sparse: bool, hw: Any, determinist
     K/V residency and then L1 double buffering are dropped [I]."""
     acc = "deterministic" if deterministic else "atomic"
     if spec.dtype == "float32":
-        k = Knobs(cv_s1=128, cv_s2=1024, base_m=128, base_n=128, base_k=32, vec_rows=8, vec_cols=1024,
+        cv2 = min(1024, max(32, _a(s2, 32)))  # the block never longer than the (aligned) sequence
+        k = Knobs(cv_s1=128, cv_s2=cv2, base_m=128, base_n=min(128, cv2), base_k=32, vec_rows=8, vec_cols=cv2,
                   kv_resident=False, accumulate=acc)
     else:
         cv1, cv2 = 512, 512

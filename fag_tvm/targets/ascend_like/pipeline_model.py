@@ -201,7 +201,8 @@ def predict(shape: Shape, tiling: Tiling = CANN_DEFAULT, machine: Machine | None
     from .machine import load  # noqa: PLC0415 - the default machine only when none is given
 
     m = machine or load()
-    t = tiling
+    # a CV block longer than the sequence runs at the sequence's aligned extent (rows: both AIV halves)
+    t = dataclasses.replace(tiling, cv_s1=min(tiling.cv_s1, _a(shape.s1, 32)), cv_s2=min(tiling.cv_s2, _a(shape.s2)))
     c1, v, c2 = stages(shape, t, m)
     sigma = m.flag_latency_cycles
     p_item = (max(c1.cycles + c2.cycles, v.cycles) if t.double_buffer else c1.cycles + v.cycles + c2.cycles) + sigma
