@@ -1,7 +1,7 @@
 """The ascend-like target's analytic pipeline model on ASCEND_MODEL.md §4.5's shape and a few what-ifs: per
 stage the cycles and the binding pipe, the work items, what caps the main phase, time, TFLOPS, utilisation.
 
-    python examples/ascend_model.py [--machine 910B2] [--json model.json] [--suite]
+    python examples/ascend_model.py [--machine 910B2] [--json model.json] [--suite] [--report DIR]
 
 --suite adds, per suite shape (S1..S9), CANN's default tiling next to the model-best feasible tiling
 (targets/ascend_like/search.py) with each one's binding pipe and work-item count.
@@ -52,6 +52,7 @@ def main() -> int:
     p.add_argument("--machine", default=am.DEFAULT_MACHINE, choices=am.names())
     p.add_argument("--json", help="also write the predictions here")
     p.add_argument("--suite", action="store_true", help="also search the suite shapes' tilings")
+    p.add_argument("--report", metavar="DIR", help="write the suite search as HTML + PNG here")
     args = p.parse_args()
     m = am.load(args.machine)
     print(f"{m.name}: {m.aic_cores} AIC x {m.aiv_per_aic} AIV at {m.freq_hz / 1e9:.2f} GHz, "
@@ -65,6 +66,12 @@ def main() -> int:
               f"{r.total_s * 1e3:8.3f} {r.tflops:7.1f} {r.utilisation:6.1%}")
         out.append({"case": name, **r.as_dict()})
     suite = suite_table(m) if args.suite else []
+    if args.report:
+        from fag_tvm.targets.ascend_like import model_report
+        from fag_tvm.workloads import SUITE
+
+        model_report.write(args.report, SUITE, m)
+        print(f"wrote {args.report}/index.html (stages.png, model_report.json)")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"machine": m.name, "predictions": out, "suite": suite}, fh, indent=1, default=str)

@@ -10,6 +10,7 @@ analytic prune that keeps every capacity, fractal and alignment violation away f
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -139,3 +140,17 @@ def test_model_search_beats_cann_default_on_suite_shapes():
     assert s9.default_prediction.cube1.binding == "FIX" and s9.best.handoff_bytes == 2
     assert s9.best_prediction.cube1.binding == "M"
     assert s9.default_prediction.items % 24 != 0 and s9.best_prediction.items % 24 == 0
+
+
+def test_model_report_writes_html_png_json(tmp_path):
+    """The model report: per shape the default and model-best tilings with per-stage binding pipes, the
+    machine's parameters with labels and sources; labelled as predictions."""
+    from fag_tvm.targets.ascend_like import model_report
+    from fag_tvm.workloads import SUITE
+
+    summary = model_report.write(str(tmp_path), {k: SUITE[k] for k in ("S8", "S9")}, M)
+    page = (tmp_path / "index.html").read_text()
+    assert (tmp_path / "stages.png").stat().st_size > 0 and "no NPU ran" in page and "fixpipe_rate" in page
+    assert [r["id"] for r in summary["shapes"]] == ["S8", "S9"]
+    assert all(r["speedup"] >= 1.0 and r["default_prediction"]["cube1"]["binding"] for r in summary["shapes"])
+    assert json.loads((tmp_path / "model_report.json").read_text())["machine"] == "910B2"
