@@ -11,9 +11,10 @@ traceable by torch.compile.
   `fag_tvm::drop_mask`) with fake (meta) implementations and a registered autograd formula, so
   `torch.compile(fullgraph=True)` traces it without graph breaks; the backward forwards every option
   (masks, tokens, prefix, sparse mode, pse with dpse when pse requires grad, layout, TND lengths) to
-  `fag_tvm.flash_attention_score_grad`. In eager mode plain CPU tensors take the native path
-  (fag_tvm.torch_native: a C++ autograd op on the same kernels) where it is available; `FusionAttention`
-  is the plain `torch.autograd.Function` path (older torch, no compiler, `use_custom_op=False`).
+  `fag_tvm.flash_attention_score_grad`. In eager mode plain CPU tensors that need gradients take the
+  native path (fag_tvm.torch_native: a C++ autograd op on the same kernels) where it is available;
+  `FusionAttention` is the plain `torch.autograd.Function` path (older torch, no compiler,
+  `use_custom_op=False`).
 * Dropout: the forward draws the bit mask from (seed, offset) — seed from torch's default generator
   unless given — and the backward reuses exactly those bits (the mask tensor is saved, never re-drawn);
   the same seed gives the same mask. seed comes back as an int (a 0-d tensor while torch.compile traces),
@@ -156,11 +157,10 @@ def _fwd_impl(query: Tensor, key: Tensor, value: Tensor, pse: Optional[Tensor], 
     scalars = (head_num, input_layout, scale, keep_prob, pre_tokens, next_tokens, inner_precise, prefix,
                actual_seq_qlen, actual_seq_kvlen, sparse_mode, pse_type, q_start_idx, kv_start_idx,
                _target(query, target))
-    f = torch_launch.call("fwd", dict(query=query, key=key, value=value, pse_shift=pse, atten_mask=atten_mask,
-                                      drop_mask=drop_mask), _scalar_key(scalars), lambda: _kwargs(*scalars))
+    tensors = dict(query=query, key=key, value=value, pse_shift=pse, atten_mask=atten_mask, drop_mask=drop_mask)
+    f = torch_launch.call("fwd", tensors, _scalar_key(scalars), lambda: _kwargs(*scalars))
     if f is None:  # an empty call: the full path
-        a = torch_launch.numpy_arrays(dict(query=query, key=key, value=value, pse_shift=pse, atten_mask=atten_mask,
-                                              drop_mask=drop_mask))
+        a = torch_launch.numpy_arrays(tensors)
         r = api.flash_attention_score(a.pop("query"), a.pop("key"), a.pop("value"), **a, **_kwargs(*scalars))
         f = [_t(r.attention_out), _t(r.softmax_max), _t(r.softmax_sum)]
     return f[0], f[1], f[2]
@@ -185,13 +185,11 @@ def _bwd_impl(dy: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor
     scalars = (head_num, input_layout, scale, keep_prob, pre_tokens, next_tokens, inner_precise, prefix,
                actual_seq_qlen, actual_seq_kvlen, sparse_mode, pse_type, q_start_idx, kv_start_idx,
                _target(query, target))
-    g = torch_launch.call("bwd", dict(query=query, key=key, value=value, dy=dy, pse_shift=pse, atten_mask=atten_mask,
-                                      drop_mask=drop_mask, softmax_max=softmax_max, softmax_sum=softmax_sum,
-                                      attention_in=out), _scalar_key(scalars), lambda: _kwargs(*scalars))
+    tensors = dict(query=query, key=key, value=value, dy=dy, pse_shift=pse, atten_mask=atten_mask,
+                   drop_mask=drop_mask, softmax_max=softmax_max, softmax_sum=softmax_sum, attention_in=out)
+    g = torch_launch.call("bwd", tensors, _scalar_key(scalars), lambda: _kwargs(*scalars))
     if g is None:  # an empty call: the full path
-        a = torch_launch.numpy_arrays(dict(query=query, key=key, value=value, dy=dy, pse_shift=pse,
-                                           atten_mask=atten_mask, drop_mask=drop_mask, softmax_max=softmax_max,
-                                           softmax_sum=softmax_sum, attention_in=out))
+        a = torch_launch.numpy_arrays(tensors)
         r = api.flash_attention_score_grad(a.pop("query"), a.pop("key"), a.pop("value"), a.pop("dy"), **a,
                                            **_kwargs(*scalars))
         g = [_t(r.dq), _t(r.dk), _t(r.dv), None if r.dpse is None else _t(r.dpse)]
