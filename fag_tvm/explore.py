@@ -7,8 +7,9 @@ Infeasible points are kept with the template's reason. Every feasible point's re
 the default knobs' result (SPEC A10 tolerances: a fast variant that computes something else is reported as
 wrong, not ranked). Measurements alternate between points (round r times every point once, in an order
 rotated each round) so a noisy moment hits all points alike; each point reports min/median/max.
-Compiled targets only (each point is a real kernel); the ascend-like model plugs in once that target is
-registered."""
+Compiled targets only (each point is a real kernel). Where a target's time is a model's (Target.timing ==
+"model": ascend-like), every point is still built and run once for the result check, and its time,
+TFLOP/s, % of the peak and binding pipe per stage are the model's prediction -- never the CPU run's clock."""
 from __future__ import annotations
 
 import dataclasses
@@ -75,7 +76,8 @@ def explore(target: str, w: dict[str, Any], direction: str = "bwd", base_set: di
         f = t.forward_arrays(fcfg, a, jit.provider(t))
         a = dict(a, softmax_max=f["softmax_max"], softmax_sum=f["softmax_sum"], attention_in=f["attention_out"])
     run_arrays = t.backward_arrays if direction == "bwd" else t.forward_arrays
-    rows, calls = [], []
+    model = t.timing == "model"
+    rows, calls, point_knobs = [], [], {}
     for role, k in points:
         ok, why = t.prune(spec, k, hw)
         row = {"role": role, "knobs": dataclasses.asdict(k), "tag": k.tag(), "feasible": ok, "reason": "" if ok else why,
@@ -84,6 +86,7 @@ def explore(target: str, w: dict[str, Any], direction: str = "bwd", base_set: di
         if ok:
             kern = jit.kernel(t, spec, k)
             calls.append((row, lambda kern=kern: run_arrays(cfg, a, lambda s, kern=kern: kern)))
+            point_knobs[id(row)] = k
     if not calls:
         raise invalid("--vary", "no feasible point in the grid: " + "; ".join(r["reason"] for r in rows))
     ref = _outputs(next((fn for r, fn in calls if r["is_default"]), calls[0][1])())  # the default, if feasible
@@ -92,20 +95,31 @@ def explore(target: str, w: dict[str, Any], direction: str = "bwd", base_set: di
         got = _outputs(fn())
         row["problems"] = [p for n in ref for p in a10_problems(n, got[n], ref[n], dtype)]
         row["times_ms"] = []
-    for r in range(repeat):
-        order = calls[r % len(calls):] + calls[:r % len(calls)]
-        for row, fn in order:
-            t0 = time.perf_counter()
-            fn()
-            row["times_ms"].append((time.perf_counter() - t0) * 1e3)
     fl = flops(w, direction)
     timed = [row for row, _ in calls]
-    for row in timed:
-        ts = np.asarray(row["times_ms"])
-        row.update(median_ms=float(np.median(ts)), min_ms=float(ts.min()), max_ms=float(ts.max()))
-        row["gflops"] = fl / row["median_ms"] / 1e6
-        if roof:
-            row["roof_pct"] = 100.0 * row["gflops"] / roof["gflops"]
+    if model:
+        roof = None
+        for row in timed:
+            pred = t.predict(spec, w, point_knobs[id(row)], hw)
+            if pred is None:
+                raise invalid("--direction", f"{t.name} models the backward only; its {direction} has no time")
+            ms = pred["time_s"] * 1e3
+            row.update(model=pred, median_ms=ms, min_ms=ms, max_ms=ms, gflops=fl / ms / 1e6,
+                       roof_pct=100.0 * pred["utilisation"])
+            roof = {"gflops": pred["peak_tflops"] * 1e3, "how": f"fp16 cube peak of {t.machine()}"}
+    else:
+        for r in range(repeat):
+            order = calls[r % len(calls):] + calls[:r % len(calls)]
+            for row, fn in order:
+                t0 = time.perf_counter()
+                fn()
+                row["times_ms"].append((time.perf_counter() - t0) * 1e3)
+        for row in timed:
+            ts = np.asarray(row["times_ms"])
+            row.update(median_ms=float(np.median(ts)), min_ms=float(ts.min()), max_ms=float(ts.max()))
+            row["gflops"] = fl / row["median_ms"] / 1e6
+            if roof:
+                row["roof_pct"] = 100.0 * row["gflops"] / roof["gflops"]
     ranked = sorted((r for r in timed if not r["problems"]), key=lambda r: r["median_ms"])
     for i, row in enumerate(ranked):
         row["rank"] = i + 1
@@ -114,7 +128,8 @@ def explore(target: str, w: dict[str, Any], direction: str = "bwd", base_set: di
         for row in timed:
             row[f"vs_{role}"] = row["median_ms"] / ref_row["median_ms"] if ref_row else None
     return {"target": t.name, "workload": workload_id(w), "direction": direction, "spec": dataclasses.asdict(spec),
-            "hw_tag": t.hw_tag(hw), "tuned_origin": origin, "repeat": repeat, "roof": roof,
+            "hw_tag": t.hw_tag(hw), "tuned_origin": origin, "repeat": 0 if model else repeat, "roof": roof,
+            "timing": t.timing,
             "gflop": fl / 1e9, "points": rows}
 
 
@@ -124,6 +139,8 @@ def format_table(result: dict[str, Any], vary: list[str]) -> str:
     head = "".join(f"{c:>10s} " for c in cols)
     lines = [f"{result['target']} {result['workload']} {result['direction']}: {result['gflop']:.2f} GFLOP per call"
              + (f"; roof {result['roof']['gflops']:.1f} GFLOP/s ({result['roof']['how']})" if result["roof"] else ""),
+             *(["times: the target's pipeline model (predicted); each point's CPU run only checks its result"]
+               if result.get("timing") == "model" else []),
              f"{'point':8s} {head}{'median ms':>10s} {'min-max ms':>15s} {'GFLOP/s':>8s} {'% roof':>7s} "
              f"{'rank':>4s} {'vs dflt':>7s} {'vs tuned':>8s}  note"]
     for r in result["points"]:
@@ -135,6 +152,10 @@ def format_table(result: dict[str, Any], vary: list[str]) -> str:
             continue
         note = ("WRONG: " + "; ".join(r["problems"])) if r["problems"] else \
             ("default" if r["is_default"] else "") + (" tuned" if r["is_tuned"] else "")
+        if "model" in r:
+            st = r["model"]["stages"]
+            note += (f" binds {r['model']['binding']} (cube1 {st['cube1']['binding']}, vector {st['vector']['binding']},"
+                     f" cube2 {st['cube2']['binding']})")
         fmt = lambda x, s: "-" if x is None else format(x, s)  # noqa: E731
         lines.append(f"{role:8s} {vals}{r['median_ms']:10.3f} {r['min_ms']:7.3f}-{r['max_ms']:<7.3f} "
                      f"{r['gflops']:8.1f} {fmt(r.get('roof_pct'), '6.1f'):>7s} {fmt(r.get('rank'), 'd'):>4s} "

@@ -101,6 +101,7 @@ def provider(target: str | Target) -> KernelProvider:
             return k
 
         p.target = t  # type: ignore[attr-defined]
+        p.provider_for = provider  # type: ignore[attr-defined]  # a sibling target's provider (ascend-like's forward)
         p.resolved = resolved  # type: ignore[attr-defined]
         p.by_config = BoundedMemo(4096)  # type: ignore[attr-defined]  # launchers' per-config memo (llvm/launch)
         _PROVIDERS[t.name] = p

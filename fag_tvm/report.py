@@ -49,7 +49,7 @@ def collect(t: Target, log_dir) -> list[dict]:
         doc = read_best(bp)
         if not doc:
             continue
-        fam = {e["shash"]: e for e in read_family(bp.parent, t.knobs_from_dict)}
+        fam = {e["shash"]: e for e in read_family(bp.parent, t)}
         for e in doc.get("entries", []):
             ent = fam.get(e.get("meta", {}).get("workload_hash"))
             if ent is None:
@@ -321,7 +321,12 @@ def build_report(log_dir, out_dir, bench_path: str | None = None, model: bool = 
     plot_table(trows, out / "default_vs_tuned.png")
     space = space_summary(rows)
     write_html(out, rows, trows, source, mq, checks, space)
-    summary = {"table": trows, "table_source": source, "model_quality": mq, "checks": checks, "space": space,
+    section = t.report_section([dict(r["entry"], points=len(r["records"])) for r in rows], str(out / t.name))
+    if section:
+        with open(out / "index.html", "a") as f:
+            f.write(f"<h2>{html.escape(t.name)}</h2><p><a href='{html.escape(t.name)}/{section['index']}'>"
+                    f"per-stage breakdown: tuned vs default ({html.escape(t.name)})</a></p>")
+    summary = {"target_section": section, "table": trows, "table_source": source, "model_quality": mq, "checks": checks, "space": space,
                "curves": [{"id": r["entry"]["id"], "direction": r["entry"]["direction"],
                            "gflops": [x["gflops"] for x in r["records"]]} for r in rows]}
     with open(out / "report.json", "w") as f:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +71,33 @@ class Knobs:
         if self.accumulate != "atomic":
             t += "_det"
         return t
+
+
+_TAG = re.compile(r"cv(\d+)x(\d+)_b(\d+)x(\d+)x(\d+)_v(\d+)x(\d+)_db([12])([12])([12])([12])_h([24])"
+                  r"(_kvgm)?(_dkdvl1)?(_det)?")
+
+
+def from_tag(tag: str) -> Knobs:
+    """Inverse of Knobs.tag() (ValueError if `tag` is not one)."""
+    m = _TAG.fullmatch(tag)
+    if not m:
+        raise ValueError(f"not an ascend-like knob tag: {tag!r}")
+    v = [int(x) for x in m.groups()[:12]]
+    return Knobs(cv_s1=v[0], cv_s2=v[1], base_m=v[2], base_n=v[3], base_k=v[4], vec_rows=v[5], vec_cols=v[6],
+                 db_l1=v[7], db_l0=v[8], db_ub=v[9], db_l0c=v[10], handoff_bytes=v[11], kv_resident=not m.group(13),
+                 dkdv="l1" if m.group(14) else "gm", accumulate="deterministic" if m.group(15) else "atomic")
+
+
+def from_dict(d: Any) -> Knobs:
+    """Knobs from a JSON object (tuning records, manifests), every field's type checked (ValueError if bad)."""
+    fields = {f.name: f for f in dataclasses.fields(Knobs)}
+    if not isinstance(d, dict) or set(d) != set(fields):
+        raise ValueError(f"knobs must have exactly the fields {sorted(fields)}, got {d!r}")
+    for name, value in d.items():
+        want = type(getattr(Knobs(), name))
+        if type(value) is not want:  # noqa: E721 - bool is not an int here
+            raise ValueError(f"knob {name}={value!r} is not a {want.__name__}")
+    return Knobs(**d)
 
 
 def _a(x: int, m: int = 16) -> int:
@@ -212,3 +240,48 @@ def to_tiling(k: Knobs, deterministic: bool | None = None):
     return Tiling(cv_s1=k.cv_s1, cv_s2=k.cv_s2, handoff_bytes=k.handoff_bytes, kv_resident=k.kv_resident,
                   dkdv_resident=k.dkdv == "l1", double_buffer=min(k.db_l1, k.db_l0, k.db_ub) == 2,
                   deterministic=k.accumulate == "deterministic" if deterministic is None else deterministic)
+
+
+FEATURE_NAMES = ("cv_s1", "cv_s2", "base_m", "base_n", "base_k", "vec_rows", "vec_cols", "db_l1", "db_l0", "db_ub",
+                 "db_l0c", "handoff_bytes", "kv_resident", "dkdv_l1", "deterministic", "log2_cv_area", "items",
+                 "rounds", "round_balance", "computed_over_visible", "l1_fill", "l0c_fill", "ub_fill",
+                 "d", "dv", "group", "low_precision")
+
+
+def features(spec: Any, w: dict, k: Knobs, hw: Any) -> list[float]:
+    """The knob vector + analytic features of one point for workload `w` (what the tuner's cost model learns the
+    pipeline model's time from): work items left after band skipping, rounds over the cube cores and their
+    balance, cells computed per visible cell, buffer fill per scope. The model's time itself is not a feature."""
+    import math  # noqa: PLC0415
+
+    from ..targets.ascend_like.pipeline_model import model_inputs  # noqa: PLC0415
+
+    shape, _, _ = model_inputs(w)
+    cv1, cv2 = min(k.cv_s1, _a(shape.s1, 32)), min(k.cv_s2, _a(shape.s2))
+    items = shape.b * shape.n1 * shape.valid_blocks(cv1, cv2)
+    cores = _hw(hw, "aic_cores")
+    rounds = -(-items // cores)
+    used = buffer_bytes(spec, k)
+    f = [k.cv_s1, k.cv_s2, k.base_m, k.base_n, k.base_k, k.vec_rows, k.vec_cols, k.db_l1, k.db_l0, k.db_ub, k.db_l0c,
+         k.handoff_bytes, int(k.kv_resident), int(k.dkdv == "l1"), int(k.accumulate == "deterministic"),
+         math.log2(k.cv_s1 * k.cv_s2), items, rounds, rounds * cores / max(1, items),
+         items * cv1 * cv2 / max(1, shape.b * shape.n1 * shape.visible_cells()),
+         used["l1"] / _hw(hw, "l1_bytes"), used["l0c"] / _hw(hw, "l0c_bytes"), used["ub"] / _hw(hw, "ub_usable_bytes"),
+         spec.d, spec.dv, spec.group, 0 if spec.dtype == "float32" else 1]
+    return [float(x) for x in f]
+
+
+def tuning_values(spec: Any, hw: Any, default: Knobs) -> dict[str, list]:
+    """What the tuner samples: the knobs the pipeline model prices (CV block, base tiles, vector sub-tile, L1
+    buffering, hand-off width, K/V residency, where dK/dV accumulate, accumulation mode) over their candidate
+    values, the rest held at CANN's default; only values that occur in a feasible point are kept."""
+    space = candidate_space(spec, hw)
+    vals = {f.name: [getattr(default, f.name)] for f in dataclasses.fields(Knobs)}
+    for name in ("cv_s1", "cv_s2", "base_m", "base_n", "vec_rows", "vec_cols", "db_l1", "kv_resident", "dkdv",
+                 "accumulate"):
+        vals[name] = list(space[name])
+    vals["handoff_bytes"] = [4] if spec.dtype == "float32" else [2, 4]
+    names = list(vals)
+    feas = [p for p in (Knobs(**dict(zip(names, v))) for v in itertools.product(*vals.values()))
+            if prune(spec, p, hw)[0]]
+    return {n: [v for v in vals[n] if any(getattr(p, n) == v for p in feas)] for n in names}

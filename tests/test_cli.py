@@ -120,6 +120,30 @@ def test_explore_2x2_grid_json(tmp_path):
     assert "pruned:" in r.stdout and "block_q" in r.stdout
 
 
+def test_explore_2x2_grid_ascend_like_model_json(tmp_path):
+    """`explore` on ascend-like, same command shape: every point is built and its result checked against the
+    default's; its time, % of the cube peak and binding pipes are the pipeline model's (the JSON says so)."""
+    wl = tmp_path / "wl.json"
+    wl.write_text(json.dumps(dict(SMALL_WL[0], dtype="fp16", Sq=40, Skv=70)))
+    out = tmp_path / "ex.json"
+    r = cli("explore", "--target", "ascend-like", "--workload", str(wl), "--vary", "cv_s1=32,64",
+            "--vary", "cv_s2=32,64", "--set", "base_m=32", "--set", "base_n=32", "--set", "base_k=32",
+            "--set", "vec_rows=16", "--set", "vec_cols=32", "--json", str(out), env={"FAG_TVM_QUIET": "1"})
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["target"] == "ascend-like" and res["timing"] == "model" and res["repeat"] == 0
+    assert "fp16 cube peak" in res["roof"]["how"] and res["roof"]["gflops"] > 1e5
+    grid = [p for p in res["points"] if p["role"] == "grid"]
+    assert {(p["knobs"]["cv_s1"], p["knobs"]["cv_s2"]) for p in grid} == {(a, b) for a in (32, 64) for b in (32, 64)}
+    assert all(p["feasible"] and not p["problems"] for p in res["points"])
+    for p in res["points"]:
+        m = p["model"]
+        assert m["time_s"] > 0 and p["median_ms"] == m["time_s"] * 1e3 and p["times_ms"] == []
+        assert 0 < p["roof_pct"] < 100 and set(m["stages"]) == {"cube1", "vector", "cube2"}
+    assert sorted(p["rank"] for p in res["points"]) == list(range(1, len(res["points"]) + 1))
+    assert "pipeline model (predicted)" in r.stdout and "binds" in r.stdout
+
+
 def test_explore_bad_knob_is_one_line(tmp_path):
     r = cli("explore", "--workload", "S1", "--vary", "warp=1,2")
     assert r.returncode == 2 and "unknown knob 'warp'" in r.stderr and len(r.stderr.strip().splitlines()) == 1

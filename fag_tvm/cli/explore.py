@@ -28,7 +28,10 @@ def run(args: argparse.Namespace) -> int:
     (w,) = load_workloads(args.workload)[:1]
     vary = _pairs(args.vary, "--vary", True)
     threads = int(os.environ.get("TVM_NUM_THREADS", "0")) or None
-    roof = None if args.no_roof else bench.measure_roof(threads or os.cpu_count() or 1, "fp32")
+    from .. import targets
+
+    model = targets.get(args.target).timing == "model"  # its roof is the modelled machine's peak
+    roof = None if args.no_roof or model else bench.measure_roof(threads or os.cpu_count() or 1, "fp32")
     result = explore(args.target, w, args.direction, _pairs(args.set, "--set", False), vary, args.repeat, roof)
     table = format_table(result, list(vary))
     print(table)

@@ -13,7 +13,6 @@ problem is a FagError (161002) naming what is wrong."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from ..errors import FagError, invalid

@@ -18,6 +18,7 @@ _BUILTIN = {
     "reference": "fag_tvm.targets.reference:TARGET",
     "reference-f64": "fag_tvm.targets.reference:TARGET_F64",
     "llvm": "fag_tvm.targets.llvm:TARGET",
+    "ascend-like": "fag_tvm.targets.ascend_like:TARGET",
 }
 _LOADED: dict[str, Target] = {}
 _LOCK = threading.Lock()

@@ -88,6 +88,7 @@ class Target:
     compiled: bool = True  # False: runs NumPy code, no kernels (the reference)
     library_suffix: str = ".so"
     device_type: str = "cpu"  # where a tuning runner executes the target's libraries
+    timing: str = "measured"  # "model": the target's time is predict()'s, never a wall clock of its CPU run
 
     # ---- availability and hardware -------------------------------------------------------------
     def availability(self) -> tuple[bool, str]:
@@ -146,6 +147,20 @@ class Target:
     @property
     def feature_names(self) -> list[str]:
         return []
+
+    def tuning_values(self, spec: KernelSpec, hw: dict) -> dict[str, list] | None:
+        """Per-knob values the tuner samples, where enumerating the whole space to keep only values of feasible
+        points is too slow (None: the tuner enumerates `candidate_space` through `prune`)."""
+        return None
+
+    def report_section(self, entries: list[dict], out_dir: str) -> dict | None:
+        """`fag-tvm report`'s target-specific part for these best.json entries (files under out_dir; a summary
+        with "index" naming its page), or None."""
+        return None
+
+    def tvm_target(self, hw: dict) -> dict:
+        """The TVM target description the tuner's builder is given (the code's host)."""
+        return hw
 
     def knobs_from_tag(self, tag: str) -> Any:
         """Inverse of knobs.tag() (kernel names spell knobs out; packages are checked against them)."""
@@ -229,6 +244,11 @@ class Target:
     def workspace_bytes(self, cfg: Any) -> int:
         """Bytes of scratch a backward call of `cfg` uses (0 if none)."""
         return 0
+
+    def predict(self, spec: KernelSpec, workload: dict, knobs: Any, hw: dict) -> dict | None:
+        """A timing model's prediction of one point -- {"time_s", "tflops", "utilisation", "peak_tflops",
+        "binding", "stages"} -- or None where time is measured (timing == "measured")."""
+        return None
 
     # ---- tuning ----------------------------------------------------------------------------------
     def measurement_args(self, task: dict, seed: int = 0) -> list[np.ndarray]:

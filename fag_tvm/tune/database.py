@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.files import append_json_line, atomic_write_text, read_bytes_regular, read_json_lines
+from .codes import knobs_from_codes
 from .task import ANN, FORMAT
 
 DB_WORKLOAD = "database_workload.json"
@@ -62,10 +63,12 @@ def decode_knob_values(trace: Any) -> dict[str, int] | None:
         return None
 
 
-def read_family(fdir: Path, knobs_from_dict) -> list[dict]:
+def read_family(fdir: Path, knobs_from: Any) -> list[dict]:
     """Per workload of a family database: {"task", "shash", "records": [{"knobs", "run_secs", "ok"}]},
-    records in measurement (file) order. `knobs_from_dict` turns decoded values into the target's
-    knob dataclass (ValueError/TypeError for values that do not fit: such records are skipped)."""
+    records in measurement (file) order. `knobs_from` is the target (its knobs decoded from the trace's integers
+    by tune.codes) or a function of the decoded integers; values that do not fit are skipped."""
+    decode = (lambda task, vals: knobs_from_codes(knobs_from, task, vals)) if hasattr(knobs_from, "schedule") \
+        else (lambda task, vals: knobs_from(vals))
     wls: list[dict | None] = []
     for line in read_json_lines(Path(fdir) / DB_WORKLOAD):
         d = decode_task(line)
@@ -80,8 +83,8 @@ def read_family(fdir: Path, knobs_from_dict) -> list[dict]:
             continue
         vals = decode_knob_values(trace)
         try:
-            knobs = knobs_from_dict(vals) if vals is not None else None
-        except (ValueError, TypeError):
+            knobs = decode(ent["task"], vals) if vals is not None else None
+        except (ValueError, TypeError, IndexError, KeyError):
             knobs = None
         if knobs is None:
             continue

@@ -82,7 +82,7 @@ class _Session:
         return True
 
     def records(self) -> list[dict]:
-        for e in read_family(self.fdir, self.t.knobs_from_dict):
+        for e in read_family(self.fdir, self.t):
             if e["shash"] == self.shash:
                 return e["records"]
         return []
@@ -178,7 +178,7 @@ def tune_workload(w: dict, trials: int, log_dir: Any = None, direction: str = "b
     spec = spec_of(task)
     fdir = family_dir(log_dir, t, spec)
     stub = stub_mod(task)
-    tgt = tvm.target.Target(hw)
+    tgt = tvm.target.Target(t.tvm_target(hw))
     fl = flops(task["workload"], direction)
     label = f"{workload_id(task['workload'])} {direction}"
     options = {"number": number, "repeat": repeat, "min_repeat_ms": min_repeat_ms, "run_timeout": run_timeout}

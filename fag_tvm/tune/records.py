@@ -51,14 +51,28 @@ def knobs_tag(knobs: Any) -> str:
 
 
 def knobs_from_tag(target: Target, tag: str) -> Any:
-    """Inverse of knobs_tag (None if `tag` is not one of this target's)."""
+    """Inverse of knobs_tag (None if `tag` is not one of this target's): each field typed by its declaration
+    (int, bool as True/False, str)."""
     import dataclasses
 
-    names = [f.name for f in dataclasses.fields(target.schedule.Knobs)]
+    fields = dataclasses.fields(target.schedule.Knobs)
     parts = str(tag).split("_")
-    if len(parts) != len(names) + 1 or parts[0] != "k" or not all(p.isdigit() for p in parts[1:]):
+    if len(parts) != len(fields) + 1 or parts[0] != "k":
         return None
-    return target.schedule.Knobs(**dict(zip(names, map(int, parts[1:]))))
+    vals = {}
+    for f, p in zip(fields, parts[1:]):
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        if kind == "bool":
+            if p not in ("True", "False"):
+                return None
+            vals[f.name] = p == "True"
+        elif kind == "int":
+            if not p.isdigit():
+                return None
+            vals[f.name] = int(p)
+        else:
+            vals[f.name] = p
+    return target.schedule.Knobs(**vals)
 
 
 def meta_mismatch(target: Target, meta: dict, cur: dict) -> list[str]:
@@ -136,7 +150,7 @@ def write_best(target: Target, fdir: Path, hw: dict | None = None) -> dict:
     workload, hardware): the identity that matches this environment if the database has one, else the
     newest."""
     cur = current_meta(target, hw)
-    ents = read_family(fdir, target.knobs_from_dict)
+    ents = read_family(fdir, target)
     chosen: dict[tuple, dict] = {}
     for ent in ents:  # file order: later identities win unless the current one was seen
         t = ent["task"]

@@ -13,7 +13,8 @@ import random
 from typing import Any
 
 from ..targets.base import Target
-from .task import ANN, BLOCK, spec_of
+from .codes import decode, encode
+from .task import ANN, BLOCK, spec_of, task_of_mod
 
 
 def knob_fields(target: Target) -> list[str]:
@@ -21,8 +22,12 @@ def knob_fields(target: Target) -> list[str]:
 
 
 def space_values(target: Target, task: dict) -> dict[str, list[int]]:
-    """Per-knob values of the candidate space that occur in at least one feasible point."""
+    """Per-knob values (encoded) of the candidate space that occur in at least one feasible point, or the
+    target's own tuning_values where enumerating the space is too slow."""
     spec, hw = spec_of(task), task["hw"]
+    own = target.tuning_values(spec, hw)
+    if own is not None:
+        return {n: [encode(target, task, n, v) for v in vals] for n, vals in own.items()}
     sp = target.candidate_space(spec, hw)
     names = knob_fields(target)
     cls = target.schedule.Knobs
@@ -30,7 +35,7 @@ def space_values(target: Target, task: dict) -> dict[str, list[int]]:
             if target.prune(spec, k, hw, strict_cache=True)[0]]
     if not feas:
         raise ValueError(f"{spec.key(target.name)}: no feasible knob setting in the candidate space")
-    return {n: [v for v in sp[n] if any(getattr(c, n) == v for c in feas)] for n in names}
+    return {n: [encode(target, task, n, v) for v in sp[n] if any(getattr(c, n) == v for c in feas)] for n in names}
 
 
 def make_space_fn(values: dict[str, list[int]]):
@@ -58,7 +63,7 @@ def knobs_of_mod(target: Target, mod) -> Any:
     for k in knob_fields(target):
         if ANN + k not in ann:
             return None
-        vals[k] = int(ann[ANN + k])
+        vals[k] = decode(target, task_of_mod(mod) or {}, k, int(ann[ANN + k]))
     return target.schedule.Knobs(**vals)
 
 
@@ -75,7 +80,7 @@ def trace_for_knobs(target: Target, task: dict, stub, knobs) -> Any:
     for inst in tr.insts:
         if inst.kind.name == "SampleCategorical":
             name = next(it)
-            v = getattr(knobs, name)
+            v = encode(target, task, name, getattr(knobs, name))
             if v not in values[name]:
                 return None
             dec[inst] = values[name].index(v)

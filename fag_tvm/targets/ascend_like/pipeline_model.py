@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ...config import INT32_MAX
+from ...core.spec import KernelSpec
 from ...errors import invalid
 from .machine import Machine
 
@@ -194,6 +195,21 @@ def stages(shape: Shape, t: Tiling, m: Machine) -> tuple[Stage, Stage, Stage]:
         "FIX": (bi * d * 4 + dkdv) / m.fixpipe_rate,
     }, t.double_buffer)
     return cube1, vector, cube2
+
+
+_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+
+
+def model_inputs(w: dict[str, Any]) -> tuple[Shape, KernelSpec, bool]:
+    """(model shape, kernel spec, sparse) of a workload dict (fag_tvm.workloads: BNSD sizes, sparse_mode 2/3
+    causal, 0 dense)."""
+    dtype = _DTYPES[w["dtype"]]
+    causal = int(w.get("sparse_mode", 0)) in (2, 3)
+    shape = Shape(int(w["B"]), int(w["N1"]), int(w["N2"]), int(w["Sq"]), int(w["Skv"]), int(w["D"]), int(w["Dv"]),
+                  dtype, next_tokens=0 if causal else INT32_MAX)
+    spec = KernelSpec("bwd", {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype], int(w["D"]),
+                      int(w["Dv"]), group=int(w["N1"]) // int(w["N2"]), band=causal)
+    return shape, spec, causal
 
 
 def predict(shape: Shape, tiling: Tiling = CANN_DEFAULT, machine: Machine | None = None) -> Prediction:

@@ -8,29 +8,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ...core.spec import KernelSpec
 from ...schedules import ascend_like as sched
 from .machine import Machine, load
-from ...config import INT32_MAX
-from .pipeline_model import Prediction, Shape, predict
-
-_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+from .pipeline_model import Prediction, model_inputs, predict
 
 # what the search varies by default: the knobs the model prices (base tiles and sub-tiles only have to fit)
 SEARCH_FIXED = dict(base_m=128, base_n=128, base_k=64, vec_rows=32, vec_cols=256, db_l1=2, db_l0=2, db_ub=2,
                     db_l0c=2, accumulate="atomic")
-
-
-def model_inputs(w: dict[str, Any]) -> tuple[Shape, KernelSpec, bool]:
-    """(model shape, kernel spec, sparse) of a workload dict (fag_tvm.workloads: BNSD sizes, sparse_mode 2/3
-    causal, 0 dense)."""
-    dtype = _DTYPES[w["dtype"]]
-    causal = int(w.get("sparse_mode", 0)) in (2, 3)
-    shape = Shape(int(w["B"]), int(w["N1"]), int(w["N2"]), int(w["Sq"]), int(w["Skv"]), int(w["D"]), int(w["Dv"]),
-                  dtype, next_tokens=0 if causal else INT32_MAX)
-    spec = KernelSpec("bwd", {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype], int(w["D"]),
-                      int(w["Dv"]), group=int(w["N1"]) // int(w["N2"]), band=causal)
-    return shape, spec, causal
 
 
 @dataclasses.dataclass(frozen=True)

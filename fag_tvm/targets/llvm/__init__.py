@@ -18,7 +18,30 @@ from . import hw as cpu
 _HERE = Path(__file__).resolve().parent
 
 
-class LLVMTarget(Target):
+def compile_for_cpu(funcs: dict[str, Any], cpu_target: dict) -> Any:
+    """One executable of `funcs` for an explicit LLVM CPU target (never mcpu=native)."""
+    tvm = _tvm.import_tvm()
+    return tvm.compile(tvm.IRModule(dict(funcs)), target=tvm.target.Target(dict(cpu_target)))
+
+
+class CpuLibrary:
+    """Export and load of CPU shared libraries, with the TVM runtime library shipped in packages (every
+    target whose kernels run on the host CPU)."""
+
+    def export(self, executable: Any, path: str) -> None:
+        executable.export_library(path)
+
+    def load(self, path: str) -> Any:
+        return _tvm.load_module(path)
+
+    def runtime_files(self) -> dict[str, str]:
+        return {"libtvm_runtime.so": _tvm.runtime_library_path()}
+
+    def load_runtime(self, files: dict[str, str]) -> None:
+        _tvm.load_runtime(files.get("libtvm_runtime.so"))
+
+
+class LLVMTarget(CpuLibrary, Target):
     name = "llvm"
     description = "CPU kernels compiled by TVM's LLVM backend (explicit CPU model, AVX-512 or AVX2)"
 
@@ -108,20 +131,7 @@ class LLVMTarget(Target):
         return {name: make_fwd(spec, knobs, name=name)}
 
     def compile(self, funcs: dict[str, Any], hw: dict) -> Any:
-        tvm = _tvm.import_tvm()
-        return tvm.compile(tvm.IRModule(dict(funcs)), target=tvm.target.Target(dict(hw)))
-
-    def export(self, executable: Any, path: str) -> None:
-        executable.export_library(path)
-
-    def load(self, path: str) -> Any:
-        return _tvm.load_module(path)
-
-    def runtime_files(self) -> dict[str, str]:
-        return {"libtvm_runtime.so": _tvm.runtime_library_path()}
-
-    def load_runtime(self, files: dict[str, str]) -> None:
-        _tvm.load_runtime(files.get("libtvm_runtime.so"))
+        return compile_for_cpu(funcs, hw)
 
     # ---- calls ---------------------------------------------------------------------------------
     def forward_arrays(self, cfg, a, kernels):

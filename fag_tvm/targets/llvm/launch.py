@@ -102,6 +102,7 @@ class Launch:
     def __init__(self, cfg: OpConfig, direction: str, a: dict[str, Any], kernels: KernelProvider,
                  tile_skip: bool | None = None) -> None:
         run = _kernel(kernels, cfg, direction)
+        self.kernel = run
         self.cfg, self.direction, self.spec = cfg, direction, run.spec
         fn = getattr(run, "functions", None)
         self.function = None if fn is None else fn[MAIN]  # the tvm-ffi function (None: not a compiled Kernel)
@@ -154,16 +155,18 @@ class Launch:
         return dpse
 
 
-def launch_for(cfg: OpConfig, direction: str, a: dict[str, Any], kernels: KernelProvider) -> Launch:
-    """The call's Launch; the JIT provider keeps them per (config, mask and pse shapes)."""
+def launch_for(cfg: OpConfig, direction: str, a: dict[str, Any], kernels: KernelProvider,
+               cls: type = Launch) -> Launch:
+    """The call's Launch (`cls`: a target's subclass); the JIT provider keeps them per (config, mask and pse
+    shapes)."""
     memo = getattr(kernels, "by_config", None)
     if memo is None:
-        return Launch(cfg, direction, a, kernels)
+        return cls(cfg, direction, a, kernels)
     mask, pse = a.get("atten_mask"), a.get("pse_shift")
     key = ("launch", cfg, direction, None if mask is None else mask.shape, None if pse is None else pse.shape)
     run = memo.get(key)
     if run is None:
-        run = _put(memo, key, Launch(cfg, direction, a, kernels))
+        run = _put(memo, key, cls(cfg, direction, a, kernels))
     return run
 
 
