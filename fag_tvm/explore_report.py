@@ -121,12 +121,46 @@ def _plot_roofline(result: dict, intensity: float, bw: dict, path: Path) -> None
     plt.close(fig)
 
 
+def _plot_stages(result: dict, path: Path) -> None:
+    """A model target's points: cycles per work item of each stage, labelled with the pipe that binds it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [p for p in result["points"] if p.get("model")]
+    stages = list(pts[0]["model"]["stages"])
+    x = np.arange(len(pts))
+    width = 0.8 / len(stages)
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.2 * len(pts)), 4.2))
+    for si, st in enumerate(stages):
+        cyc = [p["model"]["stages"][st]["cycles"] for p in pts]
+        ax.bar(x + (si - (len(stages) - 1) / 2) * width, cyc, width, label=st)
+        for xi, p in zip(x, pts):
+            ax.text(xi + (si - (len(stages) - 1) / 2) * width, p["model"]["stages"][st]["cycles"],
+                    p["model"]["stages"][st]["binding"], ha="center", va="bottom", fontsize=6, rotation=90)
+    ax.set_xticks(x, [p["tag"] if len(pts) < 5 else f"{p['role']} {i}" for i, p in enumerate(pts)], fontsize=6,
+                  rotation=20)
+    ax.set_ylabel("cycles per work item (model)")
+    ax.set_title("per-stage cycles of each point; label = the binding pipe", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def write_report(result: dict, vary: list[str], w: dict[str, Any], out_dir: str, table: str,
                  bandwidth: dict | None = None) -> dict:
-    """index.html + grid.png + roofline.png + exploration.json in `out_dir`; returns what the roofline used."""
+    """index.html + grid.png + roofline.png (+ stages.png for a model target) + exploration.json in `out_dir`;
+    returns what the roofline used. A model target's roofline is its machine's (cube peak, HBM rate)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    bw = bandwidth or measure_bandwidth()
+    model = result.get("timing") == "model"
+    if model:
+        m = next(p["model"] for p in result["points"] if p.get("model"))
+        bw = {"gbytes_per_s": m["memory_gbytes_per_s"], "how": "the modelled machine's HBM rate"}
+    else:
+        bw = bandwidth or measure_bandwidth()
     intensity = result["gflop"] * 1e9 / minimal_bytes(w, result["direction"])
     _plot_grid(result, vary, out / "grid.png")
     roof = None
@@ -138,14 +172,18 @@ def write_report(result: dict, vary: list[str], w: dict[str, Any], out_dir: str,
          "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}pre{font-size:12px}</style>",
          f"<h1>Exploration: {html.escape(result['target'])} {html.escape(result['workload'])} "
          f"{html.escape(result['direction'])}</h1><p>{html.escape(time.strftime('%Y-%m-%d %H:%M'))} &middot; "
-         f"hardware {html.escape(result['hw_tag'])} &middot; tuned knobs from {html.escape(result['tuned_origin'])} "
-         f"&middot; {result['repeat']} alternating timed calls per point</p>",
+         f"hardware {html.escape(result['hw_tag'])} &middot; tuned knobs from {html.escape(result['tuned_origin'])}"
+         + (" &middot; times from the target's pipeline model (each point built and run once to check its result)"
+            if model else f" &middot; {result['repeat']} alternating timed calls per point") + "</p>",
          f"<pre>{html.escape(table)}</pre><h2>Grid</h2><img src='grid.png'>"]
     if roof:
         h.append(f"<h2>Roofline</h2><p>{intensity:.1f} FLOP per byte of minimal traffic: "
                  f"{roof['bound']}-bound at this machine's balance point "
                  f"({result['roof']['gflops'] / bw['gbytes_per_s']:.1f} FLOP/B; {html.escape(bw['how'])}; "
                  f"{html.escape(result['roof']['how'])}).</p><img src='roofline.png'>")
+    if model:
+        _plot_stages(result, out / "stages.png")
+        h.append("<h2>Pipeline stages (model)</h2><img src='stages.png'>")
     (out / "index.html").write_text("\n".join(h))
     with open(out / "exploration.json", "w") as f:
         json.dump(dict(result, roofline=roof), f, indent=1, default=float)

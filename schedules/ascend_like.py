@@ -274,12 +274,13 @@ def features(spec: Any, w: dict, k: Knobs, hw: Any) -> list[float]:
 def tuning_values(spec: Any, hw: Any, default: Knobs) -> dict[str, list]:
     """What the tuner samples: the knobs the pipeline model prices (CV block, base tiles, vector sub-tile, L1
     buffering, hand-off width, K/V residency, where dK/dV accumulate, accumulation mode) over their candidate
-    values, the rest held at CANN's default; only values that occur in a feasible point are kept."""
+    values (plus the default's own value), the rest held at CANN's default; only values that occur in a
+    feasible point are kept."""
     space = candidate_space(spec, hw)
     vals = {f.name: [getattr(default, f.name)] for f in dataclasses.fields(Knobs)}
     for name in ("cv_s1", "cv_s2", "base_m", "base_n", "vec_rows", "vec_cols", "db_l1", "kv_resident", "dkdv",
                  "accumulate"):
-        vals[name] = list(space[name])
+        vals[name] = list(space[name]) + [v for v in vals[name] if v not in space[name]]  # the default stays in
     vals["handoff_bytes"] = [4] if spec.dtype == "float32" else [2, 4]
     names = list(vals)
     feas = [p for p in (Knobs(**dict(zip(names, v))) for v in itertools.product(*vals.values()))

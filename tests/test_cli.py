@@ -128,8 +128,12 @@ def test_explore_2x2_grid_ascend_like_model_json(tmp_path):
     out = tmp_path / "ex.json"
     r = cli("explore", "--target", "ascend-like", "--workload", str(wl), "--vary", "cv_s1=32,64",
             "--vary", "cv_s2=32,64", "--set", "base_m=32", "--set", "base_n=32", "--set", "base_k=32",
-            "--set", "vec_rows=16", "--set", "vec_cols=32", "--json", str(out), env={"FAG_TVM_QUIET": "1"})
+            "--set", "vec_rows=16", "--set", "vec_cols=32", "--json", str(out), "--report", str(tmp_path / "rep"),
+            env={"FAG_TVM_QUIET": "1"})
     assert r.returncode == 0, r.stderr
+    for f in ("index.html", "grid.png", "roofline.png", "stages.png"):
+        assert (tmp_path / "rep" / f).stat().st_size > 0, f
+    assert "pipeline model" in (tmp_path / "rep" / "index.html").read_text()
     res = json.loads(out.read_text())
     assert res["target"] == "ascend-like" and res["timing"] == "model" and res["repeat"] == 0
     assert "fp16 cube peak" in res["roof"]["how"] and res["roof"]["gflops"] > 1e5

@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
         from ..explore_report import write_report
 
         write_report(result, list(vary), w, args.report, table)
-        print(f"wrote {args.report}/index.html (grid.png{'' if args.no_roof else ', roofline.png'})")
+        extra = (", roofline.png" if result["roof"] else "") + (", stages.png" if model else "")
+        print(f"wrote {args.report}/index.html (grid.png{extra})")
     if args.json:
         atomic_write_json(args.json, result)
         print(f"wrote {args.json}")

@@ -247,7 +247,8 @@ class Target:
 
     def predict(self, spec: KernelSpec, workload: dict, knobs: Any, hw: dict) -> dict | None:
         """A timing model's prediction of one point -- {"time_s", "tflops", "utilisation", "peak_tflops",
-        "binding", "stages"} -- or None where time is measured (timing == "measured")."""
+        "memory_gbytes_per_s", "binding", "stages": {stage: {"binding", "cycles", "pipes"}}} -- or None where time
+        is measured (timing == "measured")."""
         return None
 
     # ---- tuning ----------------------------------------------------------------------------------

@@ -147,7 +147,10 @@ def _measure_one(sess: _Session, builder, runner, knobs) -> list[float] | None:
     from tvm.s_tir.schedule import Schedule
 
     sch = Schedule(sess.stub)
-    space.trace_for_knobs(sess.t, sess.task, sess.stub, knobs).apply_to_schedule(sch, remove_postproc=False)
+    tr = space.trace_for_knobs(sess.t, sess.task, sess.stub, knobs)
+    if tr is None:
+        raise ValueError(f"{knobs.tag()} is outside {sess.t.name}'s tuning space (the template must include it)")
+    tr.apply_to_schedule(sch, remove_postproc=False)
     br = builder.build([BuilderInput(sch.mod, sess.tgt)])[0]
     if br.error_msg is not None:
         sess.on_result(knobs, None, str(br.error_msg))

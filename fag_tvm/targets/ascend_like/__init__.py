@@ -194,7 +194,8 @@ class AscendLikeTarget(CpuLibrary, Target):
         m = Machine(**hw["machine"])
         p = predict(shape, self.schedule.to_tiling(knobs), m)
         return {"time_s": p.total_s, "tflops": p.tflops, "utilisation": p.utilisation,
-                "peak_tflops": m.peak_flops / 1e12, "binding": p.main_binding, "items": p.items,
+                "peak_tflops": m.peak_flops / 1e12, "memory_gbytes_per_s": m.hbm_bytes_per_s / 1e9,
+                "binding": p.main_binding, "items": p.items,
                 "stages": {st: {"binding": getattr(p, st).binding, "cycles": getattr(p, st).cycles,
                                 "pipes": dict(getattr(p, st).pipes)} for st in ("cube1", "vector", "cube2")}}
 
