@@ -9,9 +9,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import json
 import random
 from typing import Any
 
+from ..core.memo import BoundedMemo
 from ..targets.base import Target
 from .codes import decode, encode
 from .task import ANN, BLOCK, spec_of, task_of_mod
@@ -21,9 +23,21 @@ def knob_fields(target: Target) -> list[str]:
     return [f.name for f in dataclasses.fields(target.schedule.Knobs)]
 
 
+_SPACES = BoundedMemo(64)
+
+
 def space_values(target: Target, task: dict) -> dict[str, list[int]]:
     """Per-knob values (encoded) of the candidate space that occur in at least one feasible point, or the
-    target's own tuning_values where enumerating the space is too slow."""
+    target's own tuning_values where enumerating the space is too slow. Memoized per (target, task): the driver
+    asks again for every point it commits, and the enumeration prunes every point of the space."""
+    key = (target.name, id(target), json.dumps(task, sort_keys=True))
+    values = _SPACES.get(key)
+    if values is None:
+        values = _SPACES.put(key, _space_values(target, task))
+    return {n: list(v) for n, v in values.items()}
+
+
+def _space_values(target: Target, task: dict) -> dict[str, list[int]]:
     spec, hw = spec_of(task), task["hw"]
     own = target.tuning_values(spec, hw)
     if own is not None:

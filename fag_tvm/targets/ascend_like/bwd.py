@@ -402,7 +402,8 @@ def make_bwd(spec: KernelSpec, knobs, machine: dict, name: str = "fag_bwd_ascend
                                 dkdv[j, d] = T.float32(0)
                     for t in range(first, last):
                         item(gb, md, ns(l1a=l1a, l1b=l1b, kres=kres, l0a=l0a, l0b=l0b, l0c=l0c),
-                             ns(s=us, dp=udp, rm=urm, rr=urr, rd=urd, mk=umk), n2, t // (hi - lo), lo + t % (hi - lo), jb, cvb, dkdv, kvrow0)
+                             ns(s=us, dp=udp, rm=urm, rr=urr, rd=urd, mk=umk),
+                             n2, t // (hi - lo), lo + t % (hi - lo), jb, cvb, dkdv, kvrow0)
                     if DKDV_L1:  # the column's dK / dV, L1 -> GM once
                         for j in range(nj):
                             for d in range(D):
