@@ -94,14 +94,16 @@ def validated(direction: str, a: dict[str, Any], scalars: dict[str, Any]) -> OpC
     names = _BWD_NAMES if direction == "bwd" else _FWD_NAMES
     key = _plan_key(direction, names, a, scalars)
     if key is not None:
-        cfg = _PLANS.get(key)
-        if cfg is not None:
-            return cfg
+        hit = _PLANS.get(key)
+        if hit is not None:
+            return hit[0]
     arrays = {n: a.get(n) for n in names[3 if direction == "fwd" else 4:]}
     cfg = validate(direction, a["query"], a["key"], a["value"], *([a.get("dy")] if direction == "bwd" else []),
                    **arrays, **scalars)
     if key is not None:
-        _PLANS.put(key, cfg)
+        # the entry holds the mask: while it is cached its buffer stays alive, so no other array can take its
+        # address and hit this plan without being validated (a freed mask's address reused by a bad one did)
+        _PLANS.put(key, (cfg, a.get("atten_mask")))
     return cfg
 
 
