@@ -11,9 +11,11 @@ model in fag_tvm.targets.llvm.hw; aligned buffers in fag_tvm.core.buffers.)
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
+import threading
 
 
 
@@ -178,3 +180,28 @@ def load_module(path: str):
     load_runtime()
     tvm_ffi = import_tvm_ffi()
     return tvm_ffi.load_module(os.path.abspath(path))
+
+
+_SYNC_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def manual_dyn_shared_sync():
+    """Compile with TVM's automatic barrier insertion off for `shared.dyn` (kernels that place every barrier
+    themselves). TVM 0.27's ThreadSync treats all dynamic shared buffers as one (they are merged later), so it
+    sees hazards between distinct tiles and fails with "Cannot insert syncs inside condition" on per-element
+    conditionals; static `shared` keeps its planner."""
+    tvm = import_tvm()
+    from tvm import s_tir  # noqa: PLC0415
+
+    orig = s_tir.transform.ThreadSync
+
+    def thread_sync(scope):
+        return tvm.transform.Sequential([]) if scope == "shared.dyn" else orig(scope)
+
+    with _SYNC_LOCK:
+        s_tir.transform.ThreadSync = thread_sync
+        try:
+            yield
+        finally:
+            s_tir.transform.ThreadSync = orig

@@ -227,6 +227,11 @@ def run(workloads: list[dict], target: str = "llvm", repeat: int = 7, threads: i
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     _fixed_mmap_threshold()
     t = targets.get(target)
+    if t.timing == "none":
+        from .errors import unsupported
+
+        raise unsupported("--target", f"timing {t.name}: a CPU simulation of other hardware has no meaningful time "
+                                      f"(`fag-tvm explore --target {t.name}` checks schedules functionally)")
     if peer:
         try:
             import torch

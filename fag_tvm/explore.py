@@ -9,7 +9,9 @@ wrong, not ranked). Measurements alternate between points (round r times every p
 rotated each round) so a noisy moment hits all points alike; each point reports min/median/max.
 Compiled targets only (each point is a real kernel). Where a target's time is a model's (Target.timing ==
 "model": ascend-like), every point is still built and run once for the result check, and its time,
-TFLOP/s, % of the peak and binding pipe per stage are the model's prediction -- never the CPU run's clock."""
+TFLOP/s, % of the peak and binding pipe per stage are the model's prediction -- never the CPU run's clock.
+Where a target has no time at all (Target.timing == "none": cuda-sim, a CPU simulation of GPU kernels), every
+point is built and checked and the table says so instead of printing numbers that mean nothing."""
 from __future__ import annotations
 
 import dataclasses
@@ -77,6 +79,7 @@ def explore(target: str, w: dict[str, Any], direction: str = "bwd", base_set: di
         a = dict(a, softmax_max=f["softmax_max"], softmax_sum=f["softmax_sum"], attention_in=f["attention_out"])
     run_arrays = t.backward_arrays if direction == "bwd" else t.forward_arrays
     model = t.timing == "model"
+    functional = t.timing == "none"
     rows, calls, point_knobs = [], [], {}
     for role, k in points:
         ok, why = t.prune(spec, k, hw)
@@ -97,7 +100,11 @@ def explore(target: str, w: dict[str, Any], direction: str = "bwd", base_set: di
         row["times_ms"] = []
     fl = flops(w, direction)
     timed = [row for row, _ in calls]
-    if model:
+    if functional:
+        roof = None
+        for row in timed:
+            row.update(median_ms=None, min_ms=None, max_ms=None, gflops=None)
+    elif model:
         roof = None
         for row in timed:
             pred = t.predict(spec, w, point_knobs[id(row)], hw)
@@ -120,15 +127,15 @@ def explore(target: str, w: dict[str, Any], direction: str = "bwd", base_set: di
             row["gflops"] = fl / row["median_ms"] / 1e6
             if roof:
                 row["roof_pct"] = 100.0 * row["gflops"] / roof["gflops"]
-    ranked = sorted((r for r in timed if not r["problems"]), key=lambda r: r["median_ms"])
+    ranked = [] if functional else sorted((r for r in timed if not r["problems"]), key=lambda r: r["median_ms"])
     for i, row in enumerate(ranked):
         row["rank"] = i + 1
     for role in ("default", "tuned"):
         ref_row = next((r for r in timed if r[f"is_{role}"]), None)
         for row in timed:
-            row[f"vs_{role}"] = row["median_ms"] / ref_row["median_ms"] if ref_row else None
+            row[f"vs_{role}"] = row["median_ms"] / ref_row["median_ms"] if ref_row and not functional else None
     return {"target": t.name, "workload": workload_id(w), "direction": direction, "spec": dataclasses.asdict(spec),
-            "hw_tag": t.hw_tag(hw), "tuned_origin": origin, "repeat": 0 if model else repeat, "roof": roof,
+            "hw_tag": t.hw_tag(hw), "tuned_origin": origin, "repeat": 0 if model or functional else repeat, "roof": roof,
             "timing": t.timing,
             "gflop": fl / 1e9, "points": rows}
 
@@ -141,6 +148,9 @@ def format_table(result: dict[str, Any], vary: list[str]) -> str:
              + (f"; roof {result['roof']['gflops']:.1f} GFLOP/s ({result['roof']['how']})" if result["roof"] else ""),
              *(["times: the target's pipeline model (predicted); each point's CPU run only checks its result"]
                if result.get("timing") == "model" else []),
+             *([f"functional check only, no timing: {result['target']} runs the kernels in a CPU simulation whose "
+                f"clock says nothing about the hardware; each point is built, run and checked against the default"]
+               if result.get("timing") == "none" else []),
              f"{'point':8s} {head}{'median ms':>10s} {'min-max ms':>15s} {'GFLOP/s':>8s} {'% roof':>7s} "
              f"{'rank':>4s} {'vs dflt':>7s} {'vs tuned':>8s}  note"]
     for r in result["points"]:
@@ -157,6 +167,10 @@ def format_table(result: dict[str, Any], vary: list[str]) -> str:
             note += (f" binds {r['model']['binding']} (cube1 {st['cube1']['binding']}, vector {st['vector']['binding']},"
                      f" cube2 {st['cube2']['binding']})")
         fmt = lambda x, s: "-" if x is None else format(x, s)  # noqa: E731
+        if r["median_ms"] is None:
+            lines.append(f"{role:8s} {vals}{'-':>10s} {'-':>15s} {'-':>8s} {'-':>7s} {'-':>4s} {'-':>7s} {'-':>8s}  "
+                         f"{(note.strip() + ' ' if note.strip() else '') + ('' if r['problems'] else 'result ok')}")
+            continue
         lines.append(f"{role:8s} {vals}{r['median_ms']:10.3f} {r['min_ms']:7.3f}-{r['max_ms']:<7.3f} "
                      f"{r['gflops']:8.1f} {fmt(r.get('roof_pct'), '6.1f'):>7s} {fmt(r.get('rank'), 'd'):>4s} "
                      f"{fmt(r['vs_default'], '.2f'):>7s} {fmt(r['vs_tuned'], '.2f'):>8s}  {note.strip()}")

@@ -156,6 +156,14 @@ def write_report(result: dict, vary: list[str], w: dict[str, Any], out_dir: str,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = result.get("timing") == "model"
+    if result.get("timing") == "none":  # nothing was timed: the table (results checked) is the report
+        h = ["<!doctype html><meta charset='utf-8'><title>fag_tvm exploration</title>",
+             f"<h1>Exploration: {html.escape(result['target'])} {html.escape(result['workload'])} "
+             f"{html.escape(result['direction'])}</h1><pre>{html.escape(table)}</pre>"]
+        (out / "index.html").write_text("\n".join(h))
+        with open(out / "exploration.json", "w") as f:
+            json.dump(dict(result, roofline=None), f, indent=1, default=float)
+        return {"roofline": None}
     if model:
         m = next(p["model"] for p in result["points"] if p.get("model"))
         bw = {"gbytes_per_s": m["memory_gbytes_per_s"], "how": "the modelled machine's HBM rate"}

@@ -168,3 +168,24 @@ def test_inspect_diff_of_two_knob_settings(tmp_path):
     assert any("alloc_buffer" in x and "32" in x for x in plus)
     bad = cli("inspect", "--workload", str(wl), "--diff", "block_kv=12")
     assert bad.returncode == 2 and "infeasible" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_explore_cuda_sim_is_functional_only(tmp_path):
+    """`explore` on cuda-sim, same command shape: every point is built, run and checked against the default;
+    the table says there is no timing instead of printing a CPU simulation's clock; bench and tune refuse."""
+    wl = tmp_path / "wl.json"
+    wl.write_text(json.dumps(dict(SMALL_WL[0], Sq=40, Skv=30)))
+    out = tmp_path / "ex.json"
+    r = cli("explore", "--target", "cuda-sim", "--workload", str(wl), "--vary", "block_m=16,32", "--set",
+            "block_n=16", "--json", str(out), "--report", str(tmp_path / "rep"), env={"FAG_TVM_QUIET": "1"})
+    if "not available" in r.stderr:
+        pytest.skip(r.stderr)
+    assert r.returncode == 0, r.stderr
+    assert "functional check only, no timing" in r.stdout and "result ok" in r.stdout
+    res = json.loads(out.read_text())
+    assert res["timing"] == "none" and res["roof"] is None and res["repeat"] == 0
+    assert {p["knobs"]["block_m"] for p in res["points"] if p["role"] == "grid"} == {16, 32}
+    assert all(p["feasible"] and not p["problems"] and p["median_ms"] is None for p in res["points"])
+    assert (tmp_path / "rep" / "index.html").stat().st_size > 0
+    b = cli("bench", "--target", "cuda-sim", "--workloads", str(wl))
+    assert b.returncode == 2 and "no meaningful time" in b.stderr and len(b.stderr.strip().splitlines()) == 1

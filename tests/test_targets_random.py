@@ -23,7 +23,7 @@ from fag_tvm.testing import a10_problems
 from confgen import gen_case
 
 N_CASES = int(os.environ.get("FAG_TVM_RANDOM_CASES", "48"))
-# a simulated target (its time is a model's: ascend-like) runs scalar simulation code; it takes the first SIM_CASES
+# a simulated target (ascend-like, cuda-sim) runs its kernels in a CPU simulation; it takes the first SIM_CASES
 # seeds, which include every seed the coverage needs (test_seed_coverage_of_the_simulated_share)
 SIM_CASES = int(os.environ.get("FAG_TVM_RANDOM_CASES_SIM", "24"))
 STATS = ("softmax_max", "softmax_sum")
@@ -91,8 +91,8 @@ def _check(name, out, ref, dtype, desc, where):
 
 @pytest.mark.parametrize("seed", seeds())
 def test_random_config(target, seed):
-    if targets.get(target).timing == "model" and seeds().index(seed) >= SIM_CASES:
-        pytest.skip(f"{target} simulates scalar code: it runs the first {SIM_CASES} seeds (the whole feature matrix); "
+    if targets.get(target).simulated and seeds().index(seed) >= SIM_CASES:
+        pytest.skip(f"{target} runs in a CPU simulation: it runs the first {SIM_CASES} seeds (the whole feature matrix); "
                     f"FAG_TVM_RANDOM_CASES_SIM={N_CASES} runs all")
     case = gen_case(seed)
     q, k, v, dy = case.args

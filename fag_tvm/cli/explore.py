@@ -30,8 +30,9 @@ def run(args: argparse.Namespace) -> int:
     threads = int(os.environ.get("TVM_NUM_THREADS", "0")) or None
     from .. import targets
 
-    model = targets.get(args.target).timing == "model"  # its roof is the modelled machine's peak
-    roof = None if args.no_roof or model else bench.measure_roof(threads or os.cpu_count() or 1, "fp32")
+    timing = targets.get(args.target).timing
+    model = timing == "model"  # its roof is the modelled machine's peak
+    roof = None if args.no_roof or timing != "measured" else bench.measure_roof(threads or os.cpu_count() or 1, "fp32")
     result = explore(args.target, w, args.direction, _pairs(args.set, "--set", False), vary, args.repeat, roof)
     table = format_table(result, list(vary))
     print(table)
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
         write_report(result, list(vary), w, args.report, table)
         extra = (", roofline.png" if result["roof"] else "") + (", stages.png" if model else "")
-        print(f"wrote {args.report}/index.html (grid.png{extra})")
+        print(f"wrote {args.report}/index.html" + ("" if timing == "none" else f" (grid.png{extra})"))
     if args.json:
         atomic_write_json(args.json, result)
         print(f"wrote {args.json}")

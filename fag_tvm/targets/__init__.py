@@ -19,6 +19,7 @@ _BUILTIN = {
     "reference-f64": "fag_tvm.targets.reference:TARGET_F64",
     "llvm": "fag_tvm.targets.llvm:TARGET",
     "ascend-like": "fag_tvm.targets.ascend_like:TARGET",
+    "cuda-sim": "fag_tvm.targets.cuda:SIM_TARGET",
 }
 _LOADED: dict[str, Target] = {}
 _LOCK = threading.Lock()

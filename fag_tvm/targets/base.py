@@ -88,7 +88,8 @@ class Target:
     compiled: bool = True  # False: runs NumPy code, no kernels (the reference)
     library_suffix: str = ".so"
     device_type: str = "cpu"  # where a tuning runner executes the target's libraries
-    timing: str = "measured"  # "model": the target's time is predict()'s, never a wall clock of its CPU run
+    timing: str = "measured"  # "model": predict()'s time, never its CPU run's clock; "none": no time at all (cuda-sim)
+    simulated: bool = False  # its kernels run in a CPU simulation of other hardware (slow: tests take a share)
 
     # ---- availability and hardware -------------------------------------------------------------
     def availability(self) -> tuple[bool, str]:

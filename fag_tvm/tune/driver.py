@@ -175,6 +175,10 @@ def tune_workload(w: dict, trials: int, log_dir: Any = None, direction: str = "b
     from tvm.s_tir.meta_schedule.database import JSONDatabase
 
     t = targets.get(target)
+    if t.timing == "none":
+        from ..errors import unsupported
+
+        raise unsupported("--target", f"tuning {t.name}: a CPU simulation of other hardware has no time to tune on")
     hw = t.hw()
     log_dir = Path(log_dir or default_log_dir())
     task = make_task(t, w, direction, hw)

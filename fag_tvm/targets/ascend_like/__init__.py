@@ -39,6 +39,7 @@ def _machine(name: str) -> dict:
 class AscendLikeTarget(CpuLibrary, Target):
     name = "ascend-like"
     timing = "model"
+    simulated = True
     description = ("simulated 910B-class AI core: CANN-structured TIR with the AI core's buffer scopes, run on "
                    "the CPU (functional); times from the analytic pipeline model")
 

@@ -9,7 +9,6 @@ from typing import Any
 
 from ...config import OpConfig
 from ...core.abi import kernel_spec, pad16, total_rows
-from ...core.buffers import aligned_empty
 from ..base import KernelProvider
 from ..llvm.launch import Launch, launch_for
 from . import workspace as W
@@ -41,13 +40,7 @@ class AscendLaunch(Launch):
             return
         knobs = getattr(self.kernel, "knobs", None)
         det = deterministic(cfg, knobs)
-        params = {}
-        for ts, (bm, ip, fp) in self.params.items():
-            own = aligned_empty(ip.shape, ip.dtype)  # the packed metadata is shared: never written in place
-            own[...] = ip
-            own[I_DETERMINISTIC] = 1 if det else 0
-            params[ts] = (bm, own, fp)
-        self.params = params
+        self.set_iparam(I_DETERMINISTIC, 1 if det else 0)
         self.deterministic = det
         self.workspace_floats = max(1, workspace_floats(cfg, knobs, cores))
 

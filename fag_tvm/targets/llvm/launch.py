@@ -131,6 +131,17 @@ class Launch:
         self.band = cfg.band
         self.dpse_shape = a["pse_shift"].shape if spec.dpse else None
 
+    def set_iparam(self, slot: int, value: int) -> None:
+        """Give this launch its own iparams with `slot` set (the packed metadata is shared between launches of
+        one signature: never written in place). Targets use the ABI's reserved slots for runtime modes."""
+        params = {}
+        for ts, (bm, ip, fp) in self.params.items():
+            own = aligned_empty(ip.shape, ip.dtype)
+            own[...] = ip
+            own[slot] = value
+            params[ts] = (bm, own, fp)
+        self.params = params
+
     def __call__(self, inputs: list[Any], outputs: list[Any]) -> np.ndarray | None:
         if self.direction == "fwd":
             for tile_skip in (True, False):
