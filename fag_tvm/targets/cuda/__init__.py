@@ -124,7 +124,8 @@ class CudaSimTarget(Target):
         from ...errors import unsupported
 
         if spec.direction != "bwd":
-            raise unsupported("target", "a cuda-sim forward kernel (the forward runs the llvm target's kernel)")
+            raise unsupported("target", "a cuda-sim forward kernel or package (cuda-sim's forward is the llvm target's "
+                                        "kernel, run through the JIT)")
         _tvm.import_tvm()
         ok, why = self.prune(spec, knobs, hw)
         if not ok:

@@ -150,7 +150,7 @@ def make_phases(spec: KernelSpec, knobs, smem_scope: str, name: str) -> dict[str
             for kk in T.serial(_ceil(md.sq, NT)):
                 if kk * NT + tx < md.sq:
                     acc[0] = T.float32(0)
-                    for c in T.serial(DV):
+                    for c in T.serial(DV, annotations={"pragma_unroll": 4}):
                         acc[0] = acc[0] + dt.ld(gb.dy, md.o_off + (n2 * G + gg) * md.o_sn + (kk * NT + tx) * md.o_ss + c) \
                             * dt.ld(gb.o, md.o_off + (n2 * G + gg) * md.o_sn + (kk * NT + tx) * md.o_ss + c)
                     gb.ws[md.row0 + (n2 * G + gg) * md.sq + kk * NT + tx] = sat(acc[0])

@@ -35,7 +35,7 @@ def make_load_rows(R: int, W: int, NT: int):
 
     @T.macro
     def load(dst, ld, dt, src, base, stride, nrows, width, tx):
-        for kk in T.serial((R * W) // NT):
+        for kk in T.serial((R * W) // NT, annotations={"pragma_unroll": 1}):
             if T.And((kk * NT + tx) // W < nrows, (kk * NT + tx) % W < width):
                 dst[(kk * NT + tx) // W * ld + (kk * NT + tx) % W] = dt.ld(
                     src, base + T.Cast("int64", (kk * NT + tx) // W) * stride + (kk * NT + tx) % W)
