@@ -16,8 +16,9 @@ Knobs
 
 Feasibility (`prune`): block sizes multiples of 16 (the m16n8k16 tensor-core tile), every tile's element
 count a multiple of the CTA's threads (each thread owns a fixed set of elements), shared memory per CTA within
-the architecture's opt-in limit, and at most MAX_ACC_REGS fp32 accumulators per thread (dK + dV, or dQ), so the
-accumulators stay in registers (CI checks zero spills with ptxas for a representative list)."""
+the architecture's opt-in limit, and fp32 accumulators per thread (dK + dV, or dQ) within HARD_ACC_REGS --
+MAX_ACC_REGS for defaults and tuning, so they stay in registers (`python -m fag_tvm.targets.cuda.resources`
+prints what ptxas makes of the defaults)."""
 from __future__ import annotations
 
 import dataclasses

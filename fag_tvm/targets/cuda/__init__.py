@@ -5,8 +5,9 @@ executed on this CPU by POCL (opencl.py): correctness of the GPU kernels without
 What the simulation cannot see: real tensor cores, warp-level behaviour, most races (POCL runs work-items in
 a fixed order), timing. Its forward is the llvm target's kernel (the CUDA forward is not written yet).
 
-Files: hw.py (architectures, nvcc and ptxas), bwd.py (kernel factories per phase), tiles.py (shared tiles,
-SIMT products), cells.py (the tile's softmax gradient), workspace.py, launch.py, opencl.py."""
+Files: bwd.py (kernel factories per phase), tiles.py (shared tiles, SIMT products), cells.py (the tile's softmax
+gradient), workspace.py, launch.py (argument packing, the phase sequence), opencl.py (the POCL runner), nvcc.py +
+resources.py (CUDA source, nvcc and ptxas's resources for sm_80 / sm_90); architectures in schedules/cuda.ARCHS."""
 from __future__ import annotations
 
 import json
